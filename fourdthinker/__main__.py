@@ -1,0 +1,3 @@
+from fourdthinker.cli import main
+
+raise SystemExit(main())
