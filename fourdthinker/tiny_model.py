@@ -10,14 +10,12 @@ parameters; then the latent tokens are added exactly as for the real model.
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fourdthinker.errors import UsageError
+from fourdthinker.outdir import OutputDirError, atomic_output_dir, check_output_dir
 from fourdthinker.tokens import DEFAULT_LATENT_SIZE, LATENT_TOKENS, add_latent_tokens
 
 # Qwen2's special tokens, in Qwen's order (ids follow the BPE vocabulary, as in the real tokenizer).
@@ -176,7 +174,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, latent_size: int = DEFA
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = Path(out_dir)
-    _check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite)  # fail before the work, not after
     tokenizer = build_tokenizer(shape.vocab_size)
     processor = build_processor(tokenizer)
     config = build_config(tokenizer, shape)
@@ -187,37 +185,10 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, latent_size: int = DEFA
                                             tokenizer.convert_tokens_to_ids("<|endoftext|>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
-
-
-def _check_output_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputDirError(f"--out {out}: directory is not empty; pass --overwrite to replace it")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    import os
-
-    if not os.access(probe, os.W_OK):
-        raise OutputDirError(f"--out {out}: {probe} is not writable; choose a writable directory")
-
-
-class OutputDirError(UsageError):
-    """A bad output directory argument (the CLI turns it into exit code 2)."""
 
 
 def weights_digest(model_dir: str | Path) -> str:
