@@ -1,0 +1,1 @@
+"""Data: schemas, video decoding, collators, SpatialVID reader, synthetic 4D world."""

@@ -1,0 +1,77 @@
+"""Worker extension: attach the latent machinery, hand latent vectors out, take new weights.
+
+Called through `LLM.collective_rpc` (in-process, multiprocess and Ray executors alike).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_VLLM = ("0.26.",)
+
+
+class LatentWorkerExtension:
+    def latent_attach(self) -> int:
+        """Connect model and logits processor through one LatentState. Returns the latent size."""
+        import vllm
+
+        from fourdthinker.tokens import LatentIds
+        from fourdthinker.vllm_plugin.logits import LatentLogitsProcessor
+        from fourdthinker.vllm_plugin.model import LatentQwen2_5_VLForConditionalGeneration
+        from fourdthinker.vllm_plugin.state import LatentState
+
+        if not vllm.__version__.startswith(SUPPORTED_VLLM):
+            raise RuntimeError(f"latent decoding reads vLLM {SUPPORTED_VLLM} runner internals; "
+                               f"found vLLM {vllm.__version__}")
+        runner = self.model_runner
+        cfg = runner.vllm_config
+        if cfg.parallel_config.pipeline_parallel_size != 1 or cfg.speculative_config is not None:
+            raise RuntimeError("latent decoding supports neither pipeline parallelism nor speculative decoding")
+        model = runner.get_model()
+        if not isinstance(model, LatentQwen2_5_VLForConditionalGeneration):
+            raise RuntimeError(f"engine runs {type(model).__name__}; build it with "
+                               "fourdthinker.vllm_plugin.engine.llm_kwargs(latent=True)")
+        processors = [lp for lp in runner.input_batch.logitsprocs.all
+                      if isinstance(lp, LatentLogitsProcessor)]
+        if len(processors) != 1:
+            raise RuntimeError("the latent logits processor is not installed in this engine")
+        ids = LatentIds.from_config(cfg.model_config.hf_config)
+        state = LatentState(runner, ids.pad, ids.start, ids.end, ids.latent_size)
+        model.latent_state = state
+        processors[0].attach(state)
+        return ids.latent_size
+
+    def _latent_state(self):
+        state = getattr(self.model_runner.get_model(), "latent_state", None)
+        if state is None:
+            raise RuntimeError("latent decoding is not attached: call latent_attach first")
+        return state
+
+    def latent_pop(self, keys: list[str]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+        """Vectors fed per request key, as CPU float32 [n, H], with their token positions."""
+        out = self._latent_state().pop(list(keys))
+        return {k: (pos, None if v is None else v.to("cpu", torch.float32)) for k, (pos, v) in out.items()}
+
+    def latent_injected_rows(self) -> int:
+        return self._latent_state().injected_rows
+
+    # -- weights ------------------------------------------------------------------------------
+    def load_weight_bucket(self, names: list[str], flat: torch.Tensor, shapes: list[tuple],
+                           dtypes: list[str]) -> int:
+        """Load one bucket: tensors packed in one flat byte buffer (one transfer, not one per tensor)."""
+        model = self.model_runner.get_model()
+        device = next(model.parameters()).device
+        flat = flat.to(device, non_blocking=True)
+        tensors, offset = [], 0
+        for name, shape, dtype in zip(names, shapes, dtypes):
+            dt = getattr(torch, dtype)
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
+            tensors.append((name, flat[offset: offset + nbytes].view(dt).view(shape)))
+            offset += nbytes
+        model.load_weights(tensors)
+        return len(tensors)
+
+    def weights_checksums(self) -> dict[str, float]:
+        """float64 sum per parameter (vLLM names): to check a sync landed everywhere."""
+        model = self.model_runner.get_model()
+        return {n: float(p.detach().double().sum()) for n, p in model.named_parameters()}
