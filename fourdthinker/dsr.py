@@ -115,7 +115,7 @@ def parse_options(value: Any, where: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise UsageError(f"{where}: options must be a non-empty list of strings, got {value!r}")
     if not all(isinstance(option, str) for option in value):
-        raise UsageError(f"{where}: every option must be a string, got {value!r}")
+        raise UsageError(f"{where}: options must all be strings, got {value!r}")
     return tuple(value)
 
 

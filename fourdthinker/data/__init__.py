@@ -1,1 +1,1 @@
-"""Data: schemas, video decoding, collators, SpatialVID reader, synthetic 4D world."""
+"""Data: the SpatialVID layout, the synthetic 4D world that is written in it, and their readers."""

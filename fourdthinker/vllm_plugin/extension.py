@@ -56,18 +56,12 @@ class LatentWorkerExtension:
         return self._latent_state().injected_rows
 
     # -- weights ------------------------------------------------------------------------------
-    def load_weight_bucket(self, names: list[str], flat: torch.Tensor, shapes: list[tuple],
-                           dtypes: list[str]) -> int:
-        """Load one bucket: tensors packed in one flat byte buffer (one transfer, not one per tensor)."""
+    def load_weight_bucket(self, bucket) -> int:
+        """Load one `fourdthinker.weights.WeightBucket`: one buffer copy, then the model's own loader."""
+        from fourdthinker.weights import unpack_bucket
+
         model = self.model_runner.get_model()
-        device = next(model.parameters()).device
-        flat = flat.to(device, non_blocking=True)
-        tensors, offset = [], 0
-        for name, shape, dtype in zip(names, shapes, dtypes):
-            dt = getattr(torch, dtype)
-            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dt).element_size()
-            tensors.append((name, flat[offset: offset + nbytes].view(dt).view(shape)))
-            offset += nbytes
+        tensors = unpack_bucket(bucket, next(model.parameters()).device)
         model.load_weights(tensors)
         return len(tensors)
 

@@ -1,0 +1,65 @@
+"""Weights in flight: named tensors packed into a few flat buckets, and back.
+
+A weight sync moves a whole model every RL step. Sending tensor by tensor costs one round trip
+(and one RPC into every vLLM worker) per parameter; packing them into ~hundreds-of-MB byte buffers
+makes it a handful of large copies, which is what the interconnect is good at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class WeightBucket:
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[str]  # torch dtype names, e.g. "float32"
+    flat: torch.Tensor  # uint8, the tensors' bytes back to back
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.flat.numel())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def pack_buckets(named: Iterable[tuple[str, torch.Tensor]],
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[WeightBucket]:
+    """Group tensors (in order) into buckets of about `bucket_bytes`; a larger tensor gets its own."""
+    batch: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named:
+        nbytes = tensor.numel() * tensor.element_size()
+        if batch and size + nbytes > bucket_bytes:
+            yield _pack(batch)
+            batch, size = [], 0
+        batch.append((name, tensor))
+        size += nbytes
+    if batch:
+        yield _pack(batch)
+
+
+def _pack(batch: list[tuple[str, torch.Tensor]]) -> WeightBucket:
+    flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8).cpu() for _, t in batch])
+    return WeightBucket([n for n, _ in batch], [tuple(t.shape) for _, t in batch],
+                        [_dtype_name(t.dtype) for _, t in batch], flat)
+
+
+def unpack_bucket(bucket: WeightBucket, device: torch.device | str | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Views into the bucket's buffer (moved to `device` once), one per tensor."""
+    flat = bucket.flat if device is None else bucket.flat.to(device, non_blocking=True)
+    out, offset = [], 0
+    for name, shape, dtype in zip(bucket.names, bucket.shapes, bucket.dtypes):
+        dt = getattr(torch, dtype)
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+        out.append((name, flat[offset: offset + nbytes].view(dt).view(shape)))
+        offset += nbytes
+    return out

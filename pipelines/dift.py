@@ -1,0 +1,69 @@
+"""DIFT stage: Ray Train + DeepSpeed ZeRO fine-tuning with latent mental images.
+
+    python pipelines/dift.py --config configs/tiny/dift.yaml [key=value ...]
+    ray job submit --working-dir . -- python pipelines/dift.py --config configs/3b/dift.yaml
+
+Resumes from the latest checkpoint of the same run (output_dir + run_name) when rerun. The final
+Hugging Face checkpoint (model + processor) is copied to <output_dir>/final.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from fourdthinker.config import DiftConfig, load_config, to_dict
+from fourdthinker.errors import UsageError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (see configs/*/dift.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_workers=2")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(DiftConfig, args.config, args.overrides)
+    except UsageError as err:
+        print(f"dift: error: {err}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from fourdthinker.dift_train import HF_DIR, train_loop_per_worker
+
+    ray.init(address="auto" if _cluster_address() else None, ignore_reinit_error=True)
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    output_dir = Path(cfg.output_dir).resolve()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=cfg.run_name, storage_path=str(output_dir),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
+    )
+    result = trainer.fit()
+    final = output_dir / "final"
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as ckpt:
+            if final.exists():
+                shutil.rmtree(final)
+            shutil.copytree(Path(ckpt) / HF_DIR, final)
+    metrics = result.metrics or {}
+    print(f"dift: {metrics.get('step', 0)} steps, final loss {metrics.get('loss', float('nan')):.4f}, "
+          f"cos {metrics.get('cos', float('nan')):.3f}; model -> {final}")
+    return 0
+
+
+def _cluster_address() -> bool:
+    import os
+
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
