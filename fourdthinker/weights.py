@@ -13,6 +13,8 @@ from typing import Iterable, Iterator
 import torch
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
+# Each tensor starts at a multiple of this many bytes, so it can be viewed in place as any dtype.
+ALIGN = 16
 
 
 @dataclass
@@ -37,7 +39,7 @@ def pack_buckets(named: Iterable[tuple[str, torch.Tensor]],
     batch: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, tensor in named:
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = _aligned(tensor.numel() * tensor.element_size())
         if batch and size + nbytes > bucket_bytes:
             yield _pack(batch)
             batch, size = [], 0
@@ -47,8 +49,17 @@ def pack_buckets(named: Iterable[tuple[str, torch.Tensor]],
         yield _pack(batch)
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 def _pack(batch: list[tuple[str, torch.Tensor]]) -> WeightBucket:
-    flat = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8).cpu() for _, t in batch])
+    sizes = [t.numel() * t.element_size() for _, t in batch]
+    flat = torch.zeros(sum(_aligned(n) for n in sizes), dtype=torch.uint8)
+    offset = 0
+    for (_, t), n in zip(batch, sizes):
+        flat[offset: offset + n] = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+        offset += _aligned(n)
     return WeightBucket([n for n, _ in batch], [tuple(t.shape) for _, t in batch],
                         [_dtype_name(t.dtype) for _, t in batch], flat)
 
@@ -61,5 +72,5 @@ def unpack_bucket(bucket: WeightBucket, device: torch.device | str | None = None
         dt = getattr(torch, dtype)
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
         out.append((name, flat[offset: offset + nbytes].view(dt).view(shape)))
-        offset += nbytes
+        offset += _aligned(nbytes)
     return out

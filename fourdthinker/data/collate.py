@@ -1,0 +1,150 @@
+"""Chat rendering and batching shared by DIFT, 4DRL, evaluation and serving.
+
+One prompt path for every stage: the user turn is the clip as one video plus the question text,
+rendered with the processor's chat template and encoded by the processor with the one video
+policy. A DIFT row is that prompt (exactly what generation sees) followed by the tokenized
+assistant turn, in which each `<output_image>` is a latent block; the output images themselves
+never enter the text, they are encoded separately as the latent targets' pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from fourdthinker.data.dift_dataset import DiftSample
+from fourdthinker.data.video import (MAX_FRAMES, MAX_PIXELS, fit_frames, load_frames, load_image,
+                                     video_chat_item, video_processor_kwargs)
+from fourdthinker.model import IGNORE_INDEX
+from fourdthinker.prompts import question_prompt
+from fourdthinker.tokens import LATENT_END, LATENT_PAD, LATENT_START, OUTPUT_IMAGE, LatentIds
+
+_PROMPT_KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw",
+                "second_per_grid_ts")
+
+
+def chat_messages(question_text: str, frames: Sequence[Image.Image] | None,
+                  assistant_text: str | None = None) -> list[dict]:
+    """The conversation: user = the clip as one video + `question_text` (already the full user
+    text, e.g. from `prompts.question_prompt`); optional assistant turn."""
+    content = [video_chat_item(frames)] if frames else []
+    content.append({"type": "text", "text": question_text})
+    messages = [{"role": "user", "content": content}]
+    if assistant_text is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": assistant_text}]})
+    return messages
+
+
+def render_latent_text(text_output: str, latent_ids: LatentIds) -> str:
+    """Each `<output_image>` becomes `<|latent_start|>` + latent_size x `<|latent_pad|>` + `<|latent_end|>`."""
+    block = LATENT_START + LATENT_PAD * latent_ids.latent_size + LATENT_END
+    return text_output.replace(OUTPUT_IMAGE, block)
+
+
+def _render(processor, messages: list[dict], generation_prompt: bool) -> str:
+    return processor.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def _encode_prompts(processor, texts: list[str], videos: list[list[Image.Image]], **kwargs):
+    video_kwargs = video_processor_kwargs(videos) if videos else {}
+    return processor(text=texts, videos=videos or None, **video_kwargs, **kwargs)
+
+
+def prompt_batch(processor, prompts: list[tuple[str, Sequence[Image.Image] | None]]) -> dict:
+    """Left-padded generation inputs for (user text, frames) pairs: the chat template with the
+    generation prompt, frames under the one video policy. Keys: input_ids, attention_mask and,
+    when there are videos, pixel_values_videos, video_grid_thw, second_per_grid_ts."""
+    if not prompts:
+        raise ValueError("prompt_batch: no prompts given")
+    videos = [fit_frames(frames) for _, frames in prompts if frames]
+    texts = [_render(processor, chat_messages(text, frames), generation_prompt=True)
+             for (text, _), frames in zip(prompts, [f if f else None for _, f in prompts])]
+    encoded = _encode_prompts(processor, texts, videos, padding=True, padding_side="left",
+                              return_tensors="pt")
+    return {k: encoded[k] for k in _PROMPT_KEYS if k in encoded}
+
+
+class DiftCollator:
+    """Turns `DiftSample`s into a right-padded DIFT batch.
+
+    Keys: input_ids, attention_mask, labels (IGNORE_INDEX outside the assistant turn, at latent
+    pads and padding), latent_mask (True at latent pads), pixel_values_videos, video_grid_thw,
+    second_per_grid_ts, pixel_values_latent, image_grid_thw_latent (output images in row order,
+    then image_output order) and num_tokens (int).
+    """
+
+    def __init__(self, processor, latent_ids: LatentIds, max_frames: int = MAX_FRAMES,
+                 max_pixels: int = MAX_PIXELS):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.latent_ids = latent_ids
+        self.max_frames = max_frames
+        self.max_pixels = max_pixels
+        image_processor = processor.image_processor
+        self._patch_dim = (3 * image_processor.temporal_patch_size * image_processor.patch_size ** 2)
+
+    def _assistant_turn(self, prompt_text: str, full_text: str, sample_id: str) -> str:
+        # The template renders prompt + assistant; the assistant turn is tokenized on its own so
+        # that a row's prompt tokens are exactly the ones generation starts from.
+        if not full_text.startswith(prompt_text):
+            raise ValueError(f"sample {sample_id}: the chat template's rendering of the assistant turn "
+                             "does not start with its generation prompt; use a Qwen-style template")
+        return full_text[len(prompt_text):]
+
+    def __call__(self, samples: list[DiftSample]) -> dict[str, torch.Tensor]:
+        if not samples:
+            raise ValueError("DiftCollator: empty batch")
+        videos, prompt_texts, assistant_texts, output_images = [], [], [], []
+        for sample in samples:
+            frames = load_frames(sample.image_input, self.max_frames, self.max_pixels)
+            user_text = question_prompt(sample.text_input)
+            answer = render_latent_text(sample.text_output, self.latent_ids)
+            prompt_text = _render(self.processor, chat_messages(user_text, frames), True)
+            full_text = _render(self.processor, chat_messages(user_text, frames, answer), False)
+            videos.append(frames)
+            prompt_texts.append(prompt_text)
+            assistant_texts.append(self._assistant_turn(prompt_text, full_text, sample.id))
+            output_images.extend(load_image(p, self.max_pixels) for p in sample.image_output)
+
+        prompts = _encode_prompts(self.processor, prompt_texts, videos)
+        answers = self.tokenizer(assistant_texts, add_special_tokens=False)["input_ids"]
+        rows = [torch.tensor(p + a) for p, a in zip(prompts["input_ids"], answers)]
+        prompt_len = torch.tensor([len(p) for p in prompts["input_ids"]])
+        row_len = torch.tensor([len(r) for r in rows])
+        input_ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True,
+                                                    padding_value=self.tokenizer.pad_token_id)
+        position = torch.arange(input_ids.shape[1]).unsqueeze(0)
+        attention_mask = position < row_len.unsqueeze(1)
+        assistant = (position >= prompt_len.unsqueeze(1)) & attention_mask
+        latent_mask = assistant & (input_ids == self.latent_ids.pad)
+        labels = torch.where(assistant & ~latent_mask, input_ids, IGNORE_INDEX)
+
+        expected = torch.tensor([len(s.image_output) for s in samples]) * self.latent_ids.latent_size
+        wrong = (latent_mask.sum(1) != expected).nonzero().flatten().tolist()
+        if wrong:
+            raise ValueError(f"samples {[samples[i].id for i in wrong]}: latent slots do not match "
+                             f"latent_size x image_output; the text must not contain latent tokens")
+
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask.long(),
+            "labels": labels,
+            "latent_mask": latent_mask,
+            "pixel_values_videos": prompts["pixel_values_videos"],
+            "video_grid_thw": prompts["video_grid_thw"],
+            "second_per_grid_ts": torch.tensor(prompts["second_per_grid_ts"], dtype=torch.float32),
+            "num_tokens": int(row_len.sum()),
+        }
+        batch.update(self._latent_pixels(output_images))
+        return batch
+
+    def _latent_pixels(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        if not images:
+            return {"pixel_values_latent": torch.zeros(0, self._patch_dim),
+                    "image_grid_thw_latent": torch.zeros(0, 3, dtype=torch.long)}
+        encoded = self.processor.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values_latent": encoded["pixel_values"],
+                "image_grid_thw_latent": encoded["image_grid_thw"]}

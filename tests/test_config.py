@@ -1,0 +1,36 @@
+"""Stage configs: defaults in one place, YAML + overrides on top, unknown keys named."""
+
+from __future__ import annotations
+
+import pytest
+
+from fourdthinker.config import ConfigError, DiftConfig, load_config
+
+
+def test_yaml_and_overrides_fill_the_typed_config(tmp_path):
+    path = tmp_path / "dift.yaml"
+    path.write_text("model_dir: /m\ntrain_jsonl: /d.jsonl\nlr: 2.0e-5\nzero_stage: 3\n")
+    cfg = load_config(DiftConfig, path, ["num_workers=2", "bf16=false", "max_steps=7"])
+    assert (cfg.model_dir, cfg.lr, cfg.zero_stage, cfg.num_workers, cfg.bf16, cfg.max_steps) == \
+        ("/m", 2e-5, 3, 2, False, 7)
+    assert cfg.ce_weight == 0.1 and cfg.sim_weight == 1.0  # the reference's defaults
+
+
+def test_unknown_key_is_an_error_naming_the_key_and_the_file(tmp_path):
+    path = tmp_path / "dift.yaml"
+    path.write_text("model_dir: /m\ntrain_jsonl: /d\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError, match=r"learning_rate") as err:
+        load_config(DiftConfig, path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("override,needle", [("zero_stage=5", "zero_stage"), ("lr=abc", "lr"),
+                                             ("num_workers=0", "num_workers"), ("model_dir=", "model_dir")])
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(DiftConfig, None, ["model_dir=/m", "train_jsonl=/d", override])
+
+
+def test_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="no-such.yaml"):
+        load_config(DiftConfig, "no-such.yaml")
