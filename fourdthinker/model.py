@@ -100,14 +100,17 @@ def embed_with_latents(model, input_ids: Tensor, latent_mask: Tensor, latent_vec
     (inputs_embeds [B, T, H], position_ids [3, B, T]). A frozen vision tower runs without autograd.
     """
     config = model.config
-    embeds = model.get_input_embeddings()(input_ids)
+    videos = images = None
     with torch.set_grad_enabled(torch.is_grad_enabled() and not _vision_is_frozen(model)):
         if pixel_values_videos is not None:
             videos = torch.cat(model.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output)
-            embeds = _scatter(embeds, input_ids == config.video_token_id, videos, "video")
         if pixel_values is not None:
             images = torch.cat(model.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
-            embeds = _scatter(embeds, input_ids == config.image_token_id, images, "image")
+    embeds = model.get_input_embeddings()(input_ids)
+    if videos is not None:
+        embeds = _scatter(embeds, input_ids == config.video_token_id, videos, "video")
+    if images is not None:
+        embeds = _scatter(embeds, input_ids == config.image_token_id, images, "image")
     embeds = _scatter(embeds, latent_mask, latent_vectors, "latent")
     if isinstance(second_per_grid_ts, list):
         second_per_grid_ts = torch.tensor(second_per_grid_ts)
@@ -354,7 +357,7 @@ def completion_logprobs(model, inputs: dict, completions: list[list[int]], laten
         raise ValueError("every completion needs at least one token")
     padded = torch.nn.utils.rnn.pad_sequence(
         [torch.as_tensor(c, dtype=torch.long, device=device) for c in completions],
-        batch_first=True, padding_value=latent_ids.end)
+        batch_first=True, padding_value=0)  # padding: masked out below
     valid = torch.arange(padded.shape[1], device=device) < lengths.unsqueeze(1)
     slots = latent_slot_mask(padded, valid, latent_ids)
     if not bool((padded[slots] == latent_ids.pad).all()):

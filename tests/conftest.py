@@ -9,6 +9,9 @@ import pytest
 # Tests never reach a hub; fail fast if something tries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# vLLM engines of the tests run in-process: a third of the start-up time of the multi-process
+# engine on CPU. The multi-process path is exercised by the Ray rollout-actor test.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +20,11 @@ def tiny_model_dir(tmp_path_factory):
     from fourdthinker.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def plain_llm(tiny_model_dir):
+    """A plain vLLM engine (no latent plugin) on the tiny model, in-process on CPU."""
+    from fourdthinker.vllm_plugin.engine import make_llm
+
+    return make_llm(tiny_model_dir, latent=False, max_model_len=2048, max_num_seqs=16)

@@ -33,10 +33,8 @@ def test_video_processor_returns_the_expected_grid(tiny_model_dir, frames, heigh
 
 
 @pytest.mark.slow
-def test_vllm_engine_starts_on_the_tiny_model_and_matches_transformers_greedy(tiny_model_dir):
+def test_vllm_engine_starts_on_the_tiny_model_and_matches_transformers_greedy(tiny_model_dir, plain_llm):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-    from fourdthinker.vllm_plugin.engine import make_llm
 
     processor = AutoProcessor.from_pretrained(tiny_model_dir, local_files_only=True)
     prompt = processor.apply_chat_template(
@@ -46,8 +44,7 @@ def test_vllm_engine_starts_on_the_tiny_model_and_matches_transformers_greedy(ti
 
     from vllm import SamplingParams
 
-    llm = make_llm(tiny_model_dir, latent=False, max_model_len=1024)
-    out = llm.generate([{"prompt_token_ids": prompt_ids}], SamplingParams(max_tokens=12, temperature=0.0,
+    out = plain_llm.generate([{"prompt_token_ids": prompt_ids}], SamplingParams(max_tokens=12, temperature=0.0,
                                                                          ignore_eos=True))
     vllm_ids = list(out[0].outputs[0].token_ids)
 

@@ -17,10 +17,13 @@ from fourdthinker.weights import WeightBucket
 
 
 class RolloutWorker:
-    def __init__(self, model_dir: str | Path, engine_kwargs: dict[str, Any] | None = None):
+    def __init__(self, model_dir: str | Path | None = None, engine_kwargs: dict[str, Any] | None = None,
+                 generator: LatentGenerator | None = None):
         kwargs = dict(engine_kwargs or {})
         self.sleep_mode = bool(kwargs.get("enable_sleep_mode", False))
-        self.generator = LatentGenerator.from_model_dir(model_dir, **kwargs)
+        if generator is None and model_dir is None:
+            raise ValueError("RolloutWorker needs a model_dir (or an existing generator)")
+        self.generator = generator or LatentGenerator.from_model_dir(model_dir, **kwargs)
         self.version = 0
         self.asleep = False
         self.started = time.time()
@@ -36,8 +39,10 @@ class RolloutWorker:
     def update_weights(self, buckets: Sequence[WeightBucket], version: int) -> int:
         """Load a new weight version (all buckets of it), then drop the now-stale prefix cache."""
         llm = self.generator.llm
+        llm.collective_rpc("bucket_update_begin")
         for bucket in buckets:
             llm.collective_rpc("load_weight_bucket", args=(bucket,))
+        llm.collective_rpc("bucket_update_end")
         # Cached KV blocks (and so the latent vectors they imply) belong to the old weights.
         llm.reset_prefix_cache()
         self.version = int(version)

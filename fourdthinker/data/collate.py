@@ -61,7 +61,7 @@ def prompt_batch(processor, prompts: list[tuple[str, Sequence[Image.Image] | Non
         raise ValueError("prompt_batch: no prompts given")
     videos = [fit_frames(frames) for _, frames in prompts if frames]
     texts = [_render(processor, chat_messages(text, frames), generation_prompt=True)
-             for (text, _), frames in zip(prompts, [f if f else None for _, f in prompts])]
+             for text, frames in prompts]
     encoded = _encode_prompts(processor, texts, videos, padding=True, padding_side="left",
                               return_tensors="pt")
     return {k: encoded[k] for k in _PROMPT_KEYS if k in encoded}

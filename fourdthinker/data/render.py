@@ -1,5 +1,8 @@
 """Numpy ray caster for the synthetic world: spheres, oriented boxes, a checkered ground and a sky.
 
+Products use np.einsum rather than BLAS-backed `@`: BLAS may pick kernels by thread split, and a
+last-bit difference flips a rounded pixel value, which would make the videos differ between runs.
+
 Conventions: world points X map to camera points R X + t (world-to-camera, OpenCV axes: x right,
 y down, z forward). Integer pixel coordinates are pixel centres, as in OpenCV, so a camera point
 projects to u = fx x / z + cx, v = fy y / z + cy with no half-pixel offset. Rays are cast with
@@ -82,7 +85,7 @@ def intersect_spheres(origin: np.ndarray, dirs: np.ndarray, centres: np.ndarray,
     """(P, S) ray parameters of the first positive sphere hits, inf where a ray misses."""
     oc = origin[None, :] - centres                           # (S, 3)
     a = np.einsum("pi,pi->p", dirs, dirs)[:, None]           # (P, 1)
-    half_b = dirs @ oc.T                                     # (P, S)
+    half_b = np.einsum("pi,si->ps", dirs, oc)               # (P, S)
     c = np.einsum("si,si->s", oc, oc) - radii**2             # (S,)
     disc = half_b**2 - a * c[None, :]
     root = np.sqrt(np.maximum(disc, 0.0))
@@ -121,13 +124,13 @@ def cast_rays(origin: np.ndarray, dirs: np.ndarray, scene: SceneFrame) -> Hits:
     colours = np.zeros((n_rays, 3))
 
     ground = scene.ground
-    facing = dirs @ ground.normal
+    facing = np.einsum("pi,i->p", dirs, ground.normal)
     with np.errstate(divide="ignore", invalid="ignore"):
         t_ground = (ground.offset - origin @ ground.normal) / facing
     on_ground = (facing < 0) & (t_ground > 0)
     depth[on_ground] = t_ground[on_ground]
     points = origin[None, :] + t_ground[on_ground, None] * dirs[on_ground]
-    cells = np.floor(points @ ground.axes.T / ground.cell).astype(np.int64).sum(axis=-1) % 2
+    cells = np.floor(np.einsum("pi,ai->pa", points, ground.axes) / ground.cell).astype(np.int64).sum(axis=-1) % 2
     colours[on_ground] = ground.colours[cells]
     normals[on_ground] = ground.normal
 
@@ -163,9 +166,9 @@ def cast_rays(origin: np.ndarray, dirs: np.ndarray, scene: SceneFrame) -> Hits:
 
 def shade(dirs: np.ndarray, hits: Hits, scene: SceneFrame) -> np.ndarray:
     """(P, 3) float colours: Lambert-shaded surfaces, a vertical gradient for the sky."""
-    lambert = np.clip(hits.normals @ scene.light, 0.0, None)
+    lambert = np.clip(np.einsum("pi,i->p", hits.normals, scene.light), 0.0, None)
     lit = hits.colours * (_AMBIENT + _DIFFUSE * lambert)[:, None]
-    elevation = np.clip((dirs @ scene.ground.normal) / np.linalg.norm(dirs, axis=1), 0.0, 1.0)
+    elevation = np.clip(np.einsum("pi,i->p", dirs, scene.ground.normal) / np.linalg.norm(dirs, axis=1), 0.0, 1.0)
     sky = scene.sky_colours[0] + elevation[:, None] * (scene.sky_colours[1] - scene.sky_colours[0])
     return np.where(np.isinf(hits.depth)[:, None], sky, lit)
 
@@ -181,7 +184,7 @@ def render(scene: SceneFrame, intrinsics: Intrinsics, rotation: np.ndarray,
            translation: np.ndarray) -> Frame:
     """Render one frame seen by the world-to-camera pose (rotation, translation)."""
     origin = -rotation.T @ translation                         # camera centre in the world
-    dirs = intrinsics.pixel_rays() @ rotation                  # R^T d for every row d
+    dirs = np.einsum("pi,ij->pj", intrinsics.pixel_rays(), rotation)   # R^T d for every row d
     hits = cast_rays(origin, dirs, scene)
     rgb = shade(dirs, hits, scene)
     shape = (intrinsics.height, intrinsics.width)

@@ -136,7 +136,7 @@ def decode_video(path: str | Path, fps: float = VIDEO_FPS, max_frames: int = MAX
                 start = time if start is None else start
                 if time - start + _TIMESTAMP_TOLERANCE_S >= next_instant:
                     picked.append(fit_to_pixel_budget(frame.to_image(), max_pixels))
-                    next_instant = (len(picked)) / fps
+                    next_instant = len(picked) / fps
     except FileNotFoundError:
         raise FrameLoadError(path, "no such file") from None
     except av.FFmpegError as err:

@@ -112,24 +112,4 @@ DISTANCE_EXTRA_DISTRACTORS: tuple[str, ...] = (
     "First Getting Farther, Then Closer",
 )
 
-# --- DSR benchmark -------------------------------------------------------------------------------
-
-# Sub-task key (the parquet's `type` column) -> summary column name, in the published column order.
-DSR_SUBTASK_COLUMNS = MappingProxyType(
-    {
-        "abs_dis": "Abs Dis",
-        "abs_dir": "Abs Dir",
-        "abs_ori": "Abs Ori",
-        "abs_spd": "Abs Spd",
-        "abs_spd_comp": "Abs Spd Comp",
-        "abs_dir_pred": "Abs Dir Pred",
-        "rel_dis": "Rel Dis",
-        "rel_dir": "Rel Dir",
-        "rel_ori": "Rel Ori",
-        "rel_spd": "Rel Spd",
-        "rel_spd_comp": "Rel Spd Comp",
-        "rel_dir_pred": "Rel Dir Pred",
-        "non_temp": "Non-Temp Based",
-    }
-)
-DSR_AVERAGE_COLUMN = "Avg"
+# The DSR benchmark's sub-task keys and columns live with the benchmark: fourdthinker.dsr.SUBTASKS.

@@ -55,15 +55,28 @@ class LatentWorkerExtension:
     def latent_injected_rows(self) -> int:
         return self._latent_state().injected_rows
 
-    # -- weights ------------------------------------------------------------------------------
+    # -- weights: checkpoint-format buckets through vLLM's layerwise reload ----------------------
+    # Kernels may repack weights after loading (the CPU backend does), so a plain load_weights on a
+    # running model can miss; vLLM's layerwise reload restores the checkpoint layout first and
+    # re-processes each layer once its weights are in, as its own NCCL weight-transfer engine does.
+    def bucket_update_begin(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model_runner.get_model())
+
     def load_weight_bucket(self, bucket) -> int:
         """Load one `fourdthinker.weights.WeightBucket`: one buffer copy, then the model's own loader."""
         from fourdthinker.weights import unpack_bucket
 
         model = self.model_runner.get_model()
-        tensors = unpack_bucket(bucket, next(model.parameters()).device)
+        tensors = unpack_bucket(bucket, self.model_runner.device)
         model.load_weights(tensors)
         return len(tensors)
+
+    def bucket_update_end(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.vllm_config.model_config)
 
     def weights_checksums(self) -> dict[str, float]:
         """float64 sum per parameter (vLLM names): to check a sync landed everywhere."""
