@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fourdthinker.losses import DIFT_CE_WEIGHT, DIFT_SIM_WEIGHT, dift_loss_terms
+from fourdthinker.mrope import model_mrope_positions
 from fourdthinker.tokens import LatentIds
 
 IGNORE_INDEX = -100
-# Token-type codes of Qwen2.5-VL's `get_rope_index` (`mm_token_type_ids`).
-_TEXT, _IMAGE, _VIDEO = 0, 1, 2
+_LEFT_PADDED = "prompts must be left-padded (build them with fourdthinker.data.collate.prompt_batch)"
 _VISION_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "pixel_values",
                 "image_grid_thw")
 
@@ -73,14 +73,6 @@ def latent_targets(model, pixel_values: Tensor, image_grid_thw: Tensor, latent_s
     return means.view(num_images, latent_size, hidden)
 
 
-def mm_token_types(model, input_ids: Tensor) -> Tensor:
-    """`mm_token_type_ids` for `get_rope_index`, read off the ids (0 text, 1 image, 2 video)."""
-    types = torch.full_like(input_ids, _TEXT, dtype=torch.int)
-    types[input_ids == model.config.image_token_id] = _IMAGE
-    types[input_ids == model.config.video_token_id] = _VIDEO
-    return types
-
-
 def _scatter(embeds: Tensor, mask: Tensor, rows: Tensor, what: str) -> Tensor:
     expected = int(mask.sum())
     if expected != rows.shape[0]:
@@ -98,12 +90,15 @@ def embed_with_latents(model, input_ids: Tensor, latent_mask: Tensor, latent_vec
 
     `latent_vectors[k]` goes to the k-th True of `latent_mask` in row-major order. Returns
     (inputs_embeds [B, T, H], position_ids [3, B, T]). A frozen vision tower runs without autograd.
+    Positions follow the original Qwen2.5-VL rule (`fourdthinker.mrope`), the one vLLM serves with,
+    not transformers 5.x's `get_rope_index`, which resumes text after a video too early.
     """
     config = model.config
     videos = images = None
     with torch.set_grad_enabled(torch.is_grad_enabled() and not _vision_is_frozen(model)):
         if pixel_values_videos is not None:
-            videos = torch.cat(model.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output)
+            videos = model.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output
+            videos = torch.cat(videos)
         if pixel_values is not None:
             images = torch.cat(model.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
     embeds = model.get_input_embeddings()(input_ids)
@@ -114,10 +109,9 @@ def embed_with_latents(model, input_ids: Tensor, latent_mask: Tensor, latent_vec
     embeds = _scatter(embeds, latent_mask, latent_vectors, "latent")
     if isinstance(second_per_grid_ts, list):
         second_per_grid_ts = torch.tensor(second_per_grid_ts)
-    position_ids, _ = model.model.get_rope_index(
-        input_ids, mm_token_types(model, input_ids), image_grid_thw=image_grid_thw,
-        video_grid_thw=video_grid_thw, second_per_grid_ts=second_per_grid_ts,
-        attention_mask=attention_mask)
+    position_ids, _ = model_mrope_positions(model, input_ids, attention_mask, image_grid_thw=image_grid_thw,
+                                            video_grid_thw=video_grid_thw,
+                                            second_per_grid_ts=second_per_grid_ts)
     return embeds, position_ids
 
 
@@ -223,9 +217,12 @@ def _forced_start_mask(forced_latent_steps, batch: int, steps: int, device) -> T
         return mask
     if len(forced_latent_steps) != batch:
         raise ValueError(f"forced_latent_steps has {len(forced_latent_steps)} rows for a batch of {batch}")
-    rows = [r for r, row_steps in enumerate(forced_latent_steps) for s in row_steps if s < steps]
-    cols = [s for row_steps in forced_latent_steps for s in row_steps if s < steps]
-    mask[rows, cols] = True
+    pairs = [(row, step) for row, row_steps in enumerate(forced_latent_steps) for step in row_steps]
+    if any(step < 0 for _, step in pairs):
+        raise ValueError(f"forced_latent_steps must be output step indices >= 0, got {forced_latent_steps}")
+    for row, step in pairs:
+        if step < steps:
+            mask[row, step] = True
     return mask
 
 
@@ -266,7 +263,7 @@ def generate_latent(model, inputs: dict, latent_ids: LatentIds, max_new_tokens: 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not bool(attention_mask[:, -1].all()):
-        raise ValueError("prompts must be left-padded (build them with fourdthinker.data.collate.prompt_batch)")
+        raise ValueError(_LEFT_PADDED)
     batch, device = input_ids.shape[0], input_ids.device
     size = latent_ids.latent_size
     eos = torch.tensor(_eos_ids(model, eos_token_ids), dtype=torch.long, device=device)
@@ -279,9 +276,10 @@ def generate_latent(model, inputs: dict, latent_ids: LatentIds, max_new_tokens: 
         **_vision_inputs(inputs))
     out = _final_hidden(model, embeds, attention_mask, position_ids, use_cache=True)
     cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
-    # Text positions continue after the prompt's largest M-RoPE index, per row: that is
-    # exactly where the same row alone (no padding) would continue.
-    next_position = position_ids.amax(dim=(0, 2)) + 1
+    # A prompt ends in text, which holds its largest M-RoPE index: decoding continues right after
+    # it, per row, exactly where the same row alone (no padding) would.
+    real = attention_mask.bool().unsqueeze(0)
+    next_position = position_ids.masked_fill(~real, 0).amax(dim=(0, 2)) + 1
 
     forced = _forced_start_mask(forced_latent_steps, batch, max_new_tokens, device)
     tokens = torch.full((batch, max_new_tokens), filler, dtype=torch.long, device=device)
@@ -326,9 +324,9 @@ def generate_latent(model, inputs: dict, latent_ids: LatentIds, max_new_tokens: 
     rows = torch.cat(latent_rows)
     order = torch.argsort(rows, stable=True)  # steps were appended in order: stays chronological
     per_row = torch.cat(latent_vectors)[order].split(torch.bincount(rows, minlength=batch).tolist())
-    lengths_list = lengths.tolist()
+    lengths_list, all_tokens = lengths.tolist(), tokens.tolist()
     return LatentGeneration(
-        sequences=[tokens[b, :n].tolist() for b, n in enumerate(lengths_list)],
+        sequences=[row[:n] for row, n in zip(all_tokens, lengths_list)],
         latents=list(per_row),
         logprobs=[token_logprobs[b, :n] for b, n in enumerate(lengths_list)],
         finish_reasons=["stop" if f else "length" for f in finished.tolist()],
@@ -347,7 +345,7 @@ def completion_logprobs(model, inputs: dict, completions: list[list[int]], laten
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompt_ids)
     if not bool(prompt_mask[:, -1].all()):
-        raise ValueError("prompts must be left-padded (build them with fourdthinker.data.collate.prompt_batch)")
+        raise ValueError(_LEFT_PADDED)
     batch, prompt_len = prompt_ids.shape
     if len(completions) != batch or len(latents) != batch:
         raise ValueError(f"{batch} prompts but {len(completions)} completions and {len(latents)} latent sets")
@@ -375,7 +373,9 @@ def completion_logprobs(model, inputs: dict, completions: list[list[int]], laten
                                               attention_mask=attention_mask, **_vision_inputs(inputs))
     hidden = _final_hidden(model, embeds, attention_mask, position_ids, use_cache=False).last_hidden_state
 
+    # Token j of a completion is predicted at position prompt_len + j - 1; only those rows reach
+    # the LM head, and gather - logsumexp avoids a second [tokens, vocab] tensor.
     rows, cols = valid.nonzero(as_tuple=True)
     logits = model.lm_head(hidden[rows, prompt_len + cols - 1]).float()
-    logprobs = torch.log_softmax(logits, -1).gather(1, padded[rows, cols].unsqueeze(1)).squeeze(1)
-    return list(logprobs.split(lengths.tolist()))
+    chosen = logits.gather(1, padded[rows, cols].unsqueeze(1)).squeeze(1)
+    return list((chosen - torch.logsumexp(logits, -1)).split(lengths.tolist()))

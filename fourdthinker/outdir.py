@@ -36,9 +36,10 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False, arg: str = "--ou
     check_output_dir(out, overwrite, arg)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
     except OSError as err:
-        raise OutputDirError(f"{arg} {out}: cannot create its parent ({err.strerror})") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+        # root passes os.access checks on read-only or virtual file systems: only trying tells
+        raise OutputDirError(f"{arg} {out}: cannot write there ({err.strerror}); choose a writable directory") from None
     try:
         yield tmp
         if out.exists():

@@ -28,6 +28,15 @@ class WeightBucket:
     def nbytes(self) -> int:
         return int(self.flat.numel())
 
+    def to_wire(self) -> tuple[list[str], list[list[int]], list[str], bytes]:
+        """Plain Python values: what any RPC layer (vLLM's msgpack included) carries unchanged."""
+        return self.names, [list(s) for s in self.shapes], self.dtypes, self.flat.numpy().tobytes()
+
+    @classmethod
+    def from_wire(cls, names, shapes, dtypes, data: bytes) -> "WeightBucket":
+        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return cls(list(names), [tuple(s) for s in shapes], list(dtypes), flat)
+
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")

@@ -52,7 +52,7 @@ def samples(tmp_path_factory):
     return [
         DiftSample("short", "Left or right?", "<think><output_image></think><answer>A</answer>",
                    images("s", 2, 56, 84), images("so", 1, 56, 84)),
-        DiftSample("long", "Which direction does the green cube move relative to the camera between 1s and 5s?",
+        DiftSample("long", "Which direction does the green cube move relative to the camera from 1s to 5s?",
                    "<think>The cube starts here <output_image> and ends there <output_image>, so it moves "
                    "right.</think><answer>B. Moving Right</answer>",
                    images("l", 5, 84, 112), images("lo", 1, 84, 84) + images("lp", 1, 112, 84)),
@@ -64,7 +64,8 @@ def test_render_latent_text_and_chat_messages(ids):
     assert render_latent_text("a <output_image> b <output_image>", ids) == f"a {block} b {block}"
     frame = Image.new("RGB", (56, 56))
     user, assistant = chat_messages("Q?", [frame], "A.")
-    assert user["role"] == "user" and user["content"][0] == {"type": "video", "video": [frame], "fps": VIDEO_FPS}
+    assert user["role"] == "user"
+    assert user["content"][0] == {"type": "video", "video": [frame], "fps": VIDEO_FPS}
     assert user["content"][1] == {"type": "text", "text": "Q?"}
     assert assistant == {"role": "assistant", "content": [{"type": "text", "text": "A."}]}
     assert chat_messages("Q?", None) == [{"role": "user", "content": [{"type": "text", "text": "Q?"}]}]
@@ -174,7 +175,8 @@ def test_prompt_batch_left_pads_and_matches_single_prompts(processor, samples):
     prompts = [(question_prompt(s.text_input), load_frames(s.image_input)) for s in samples]
     batch = prompt_batch(processor, prompts)
     assert (batch["attention_mask"][:, -1] == 1).all()
-    assert batch["second_per_grid_ts"].tolist() == [processor.video_processor.temporal_patch_size / VIDEO_FPS] * 2
+    temporal = processor.video_processor.temporal_patch_size
+    assert batch["second_per_grid_ts"].tolist() == [temporal / VIDEO_FPS] * 2
     for row, prompt in enumerate(prompts):
         single = prompt_batch(processor, [prompt])["input_ids"][0]
         assert torch.equal(batch["input_ids"][row][batch["attention_mask"][row].bool()], single)

@@ -21,7 +21,8 @@ def images(tmp_path):
 
 def _record(images, **overrides) -> dict:
     record = {"id": "vid_0-4", "text_input": "Which way does the camera pan?\n\nA. Left\nB. Right",
-              "text_output": "<think>\nfirst <output_image> then <output_image>\n</think>\n<answer>\nB. Right\n</answer>",
+              "text_output": ("<think>\nfirst <output_image> then <output_image>\n</think>\n"
+                              "<answer>\nB. Right\n</answer>"),
               "image_input": [images["f0.jpg"], images["f1.jpg"]],
               "image_output": [images["o0.jpg"], images["o1.jpg"]]}
     record.update(overrides)
@@ -48,7 +49,8 @@ def test_good_lines_round_trip(tmp_path, images):
 
 def test_relative_paths_resolve_against_the_jsonl_folder(tmp_path, images):
     path = tmp_path / "data.jsonl"
-    _write_lines(path, [json.dumps(_record(images, image_input=["f0.jpg"], image_output=["o0.jpg", "o1.jpg"])).encode()])
+    record = _record(images, image_input=["f0.jpg"], image_output=["o0.jpg", "o1.jpg"])
+    _write_lines(path, [json.dumps(record).encode()])
     (sample,), _ = read_dift_jsonl(path)
     assert sample.image_input == [images["f0.jpg"]]
     assert sample.image_output == [images["o0.jpg"], images["o1.jpg"]]
@@ -63,7 +65,7 @@ def test_each_bad_line_is_skipped_with_its_reason(tmp_path, images, caplog):
         dd.EMPTY_TEXT: [_record(images, text_input="  "), _record(images, text_output="")],
         dd.BAD_SCHEMA: [_record(images, image_input="f0.jpg"), {"id": "x", "text_input": "q"},
                         _record(images, image_input=[])],
-        dd.SPECIAL_TOKEN_IN_TEXT: [_record(images, text_output="<|latent_pad|> <output_image> <output_image>")],
+        dd.SPECIAL_TOKEN_IN_TEXT: [_record(images, text_output="<|im_end|> <output_image> <output_image>")],
     }
     lines = [good]
     for records in bad.values():

@@ -47,6 +47,28 @@ def _save(image: Image.Image, path) -> str:
     return str(path)
 
 
+def _official_positions(model, input_ids: list[int], video_grids, seconds) -> torch.Tensor:
+    """The original Qwen2.5-VL M-RoPE rule (what vLLM serves with), one token at a time: text
+    advances all three axes; a video of (t, h, w) merged patches sits at base + (t * seconds *
+    tokens_per_second, h, w); text resumes at the block's largest position + 1."""
+    vision = model.config.vision_config
+    merge, per_second = vision.spatial_merge_size, vision.tokens_per_second
+    out, i, base, grids = [], 0, 0, iter(zip(video_grids.tolist(), seconds.tolist()))
+    while i < len(input_ids):
+        if input_ids[i] == model.config.video_token_id:
+            (t, h, w), step = next(grids)
+            block = [(base + int(ti * step * per_second), base + hi, base + wi)
+                     for ti in range(t) for hi in range(h // merge) for wi in range(w // merge)]
+            out += block
+            base = max(max(p) for p in block) + 1
+            i += len(block)
+        else:
+            out.append((base, base, base))
+            base += 1
+            i += 1
+    return torch.tensor(out).T
+
+
 def _reference_targets(model, pixel_values, grid, size):
     """Per image: run the vision tower on that image alone, drop the remainder, average K chunks."""
     targets, start = [], 0
@@ -105,13 +127,16 @@ def _reference_dift(model, batch, ids):
     flat = targets.reshape(-1, targets.shape[-1])
     for k, (b, t) in enumerate(slots):
         embeds[b, t] = flat[k].float()
+    positions = torch.ones(3, *input_ids.shape, dtype=torch.long)
+    for b, length in enumerate(batch["attention_mask"].sum(1).tolist()):  # right padding
+        positions[:, b, :length] = _official_positions(model, input_ids[b, :length].tolist(),
+                                                       batch["video_grid_thw"][b:b + 1],
+                                                       batch["second_per_grid_ts"][b:b + 1])
     with torch.no_grad():
-        hidden = model.model(input_ids=input_ids, inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+        hidden = model.model(input_ids=input_ids, inputs_embeds=embeds, position_ids=positions,
+                             attention_mask=batch["attention_mask"],
                              pixel_values_videos=batch["pixel_values_videos"],
-                             video_grid_thw=batch["video_grid_thw"],
-                             second_per_grid_ts=batch["second_per_grid_ts"],
-                             mm_token_type_ids=(input_ids == model.config.video_token_id).int() * 2,
-                             ).last_hidden_state
+                             video_grid_thw=batch["video_grid_thw"]).last_hidden_state
         logits = model.lm_head(hidden).double()
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
                          ignore_index=IGNORE_INDEX)
@@ -182,12 +207,14 @@ def prompts():
          [_noise(rng, 84, 56) for _ in range(3)]),
         (question_prompt("Is the blue sphere getting closer to the camera?"),
          [_noise(rng, 56, 56) for _ in range(4)]),
+        (question_prompt("Describe the motion."), None),  # text only, in the same batch
     ]
 
 
 # Row 0 never enters latent mode, row 1 enters once, row 2 twice (the second block right after
-# the first one's <|latent_end|> + a few text tokens).
-FORCED = [[], [2], [0, 9]]
+# the first one's <|latent_end|> + a few text tokens), row 3 (no video) once.
+FORCED = [[], [2], [0, 9], [4]]
+ROWS = range(len(FORCED))
 STEPS = 18
 
 
@@ -209,7 +236,7 @@ def batched(model, processor, ids, prompts):
 
 def test_batched_greedy_generation_equals_each_row_alone(model, processor, ids, prompts, batched):
     _, gen = batched
-    assert gen.finish_reasons == ["length"] * 3
+    assert gen.finish_reasons == ["length"] * len(ROWS)
     for row, (prompt, forced) in enumerate(zip(prompts, FORCED)):
         alone = generate_latent(model, prompt_batch(processor, [prompt]), ids, STEPS, eos_token_ids=[],
                                 forced_latent_steps=[forced])
@@ -231,7 +258,7 @@ def _teacher_forced_hidden(model, inputs, row, completion, latents, ids):
     prompt = inputs["input_ids"][row][keep]
     input_ids = torch.cat([prompt, torch.tensor(completion)])[None]
     embeds = model.get_input_embeddings()(input_ids).detach().clone()
-    slots, k = [], 0
+    slots = []
     for j, token in enumerate(completion):
         if token == ids.start:
             for i in range(1, ids.latent_size + 1):
@@ -239,21 +266,23 @@ def _teacher_forced_hidden(model, inputs, row, completion, latents, ids):
                     slots.append(len(prompt) + j + i)
     for k, position in enumerate(slots):
         embeds[0, position] = latents[k]
-    video = slice(int(inputs["video_grid_thw"][:row].prod(-1).sum()),
-                  int(inputs["video_grid_thw"][:row + 1].prod(-1).sum()))
+    video = {}
+    if (prompt == model.config.video_token_id).any():  # the rows with a video come first here
+        patches = slice(int(inputs["video_grid_thw"][:row].prod(-1).sum()),
+                        int(inputs["video_grid_thw"][:row + 1].prod(-1).sum()))
+        video = {"pixel_values_videos": inputs["pixel_values_videos"][patches],
+                 "video_grid_thw": inputs["video_grid_thw"][row:row + 1]}
+    positions = _official_positions(model, input_ids[0].tolist(), inputs["video_grid_thw"][row:row + 1],
+                                    inputs["second_per_grid_ts"][row:row + 1])[:, None]
     with torch.no_grad():
-        hidden = model.model(input_ids=input_ids, inputs_embeds=embeds,
-                             pixel_values_videos=inputs["pixel_values_videos"][video],
-                             video_grid_thw=inputs["video_grid_thw"][row:row + 1],
-                             second_per_grid_ts=inputs["second_per_grid_ts"][row:row + 1],
-                             mm_token_type_ids=(input_ids == model.config.video_token_id).int() * 2,
-                             ).last_hidden_state[0]
+        hidden = model.model(input_ids=input_ids, inputs_embeds=embeds, position_ids=positions,
+                             **video).last_hidden_state[0]
     return hidden, len(prompt), slots
 
 
 def test_fed_latents_are_the_hidden_states_before_each_slot(model, ids, batched):
     inputs, gen = batched
-    for row in range(3):
+    for row in ROWS:
         hidden, prompt_len, slots = _teacher_forced_hidden(model, inputs, row, gen.sequences[row],
                                                            gen.latents[row], ids)
         assert len(slots) == gen.latents[row].shape[0]
@@ -268,14 +297,14 @@ def test_fed_latents_are_the_hidden_states_before_each_slot(model, ids, batched)
 def test_completion_logprobs_reproduce_generation_only_with_its_latents(model, ids, batched):
     inputs, gen = batched
     scored = completion_logprobs(model, inputs, gen.sequences, gen.latents, ids)
-    for row in range(3):
+    for row in ROWS:
         assert (scored[row] - gen.logprobs[row]).abs().max() < 1e-4
 
     pad_embedding = model.get_input_embeddings().weight[ids.pad].detach()
     as_pads = [pad_embedding.expand_as(v).clone() for v in gen.latents]
     wrong = completion_logprobs(model, inputs, gen.sequences, as_pads, ids)
     assert (wrong[0] - gen.logprobs[0]).abs().max() < 1e-4  # row 0 has no latents
-    for row in (1, 2):
+    for row in ROWS[1:]:
         after_first_block = FORCED[row][0] + 2  # logits that already read a latent slot
         diff = (wrong[row] - gen.logprobs[row])[after_first_block:].abs().max()
         assert diff > 1e-3
@@ -288,7 +317,7 @@ def test_completion_logprobs_are_differentiable(model, ids, batched):
     inputs, gen = batched
     model.zero_grad(set_to_none=True)
     try:
-        scored = completion_logprobs(model, inputs, gen.sequences[:1] * 3, [gen.latents[0]] * 3, ids)
+        scored = completion_logprobs(model, inputs, gen.sequences, gen.latents, ids)
         torch.stack([s.sum() for s in scored]).sum().backward()
         assert model.lm_head.weight.grad.abs().sum() > 0
         assert model.get_input_embeddings().weight.grad[gen.sequences[0]].abs().sum() > 0
@@ -300,7 +329,7 @@ def test_generation_stops_at_eos_per_row(model, processor, ids, prompts, batched
     inputs, free = batched
     eos = free.sequences[0][3]  # a text token row 0 emits greedily at step 3
     gen = generate_latent(model, inputs, ids, STEPS, eos_token_ids=[eos], forced_latent_steps=FORCED)
-    for row in range(3):
+    for row in ROWS:
         full = free.sequences[row]
         text_steps = [s for s, t in enumerate(full) if t == eos and s not in _blocks_at(FORCED[row], ids)]
         if text_steps:

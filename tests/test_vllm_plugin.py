@@ -149,7 +149,7 @@ def test_preemption_and_recompute_keep_tokens_and_latents(hf, generator):
         if steps % 3 == 0 and engine.has_unfinished_requests():
             resets += engine.reset_prefix_cache(reset_running_requests=True)
     assert resets >= 3
-    latents = generator.llm.collective_rpc("latent_pop", args=(keys,))[0]
+    latents = generator.pop_latents(keys)
     for row, key in enumerate(keys):
         assert finished[key] == ref.sequences[row]
         _, vectors = latents[key]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fourdthinker.weights import pack_buckets, unpack_bucket
+from fourdthinker.weights import WeightBucket, pack_buckets, unpack_bucket
 
 
 def test_pack_then_unpack_is_bit_exact_and_respects_the_bucket_size():
@@ -17,7 +17,7 @@ def test_pack_then_unpack_is_bit_exact_and_respects_the_bucket_size():
     assert len(buckets) > 1
     for b in buckets:  # a bucket only exceeds the size when it holds one large tensor
         assert b.nbytes <= bucket_bytes or len(b.names) == 1
-    back = [pair for b in buckets for pair in unpack_bucket(b)]
+    back = [pair for b in buckets for pair in unpack_bucket(WeightBucket.from_wire(*b.to_wire()))]
     assert [n for n, _ in back] == [n for n, _ in named]
     for (_, a), (_, b) in zip(named, back):
         assert a.dtype == b.dtype and a.shape == b.shape

@@ -41,10 +41,12 @@ class RolloutWorker:
         llm = self.generator.llm
         llm.collective_rpc("bucket_update_begin")
         for bucket in buckets:
-            llm.collective_rpc("load_weight_bucket", args=(bucket,))
+            llm.collective_rpc("load_weight_bucket", args=bucket.to_wire())
         llm.collective_rpc("bucket_update_end")
-        # Cached KV blocks (and so the latent vectors they imply) belong to the old weights.
+        # Cached KV blocks (and so the latent vectors they imply) and cached vision-encoder
+        # outputs of recurring videos belong to the old weights.
         llm.reset_prefix_cache()
+        llm.llm_engine.reset_encoder_cache()
         self.version = int(version)
         return self.version
 

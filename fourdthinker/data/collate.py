@@ -38,7 +38,8 @@ def chat_messages(question_text: str, frames: Sequence[Image.Image] | None,
 
 
 def render_latent_text(text_output: str, latent_ids: LatentIds) -> str:
-    """Each `<output_image>` becomes `<|latent_start|>` + latent_size x `<|latent_pad|>` + `<|latent_end|>`."""
+    """Each `<output_image>` becomes `<|latent_start|>` + latent_size x `<|latent_pad|>` +
+    `<|latent_end|>`."""
     block = LATENT_START + LATENT_PAD * latent_ids.latent_size + LATENT_END
     return text_output.replace(OUTPUT_IMAGE, block)
 

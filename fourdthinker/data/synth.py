@@ -36,7 +36,7 @@ import pandas as pd
 from fourdthinker.data.render import Ground, Intrinsics, SceneFrame, cast_rays, render
 from fourdthinker.data.spatialvid import METADATA_CSV, ClipPaths, world_to_camera_rows, write_annotations
 from fourdthinker.errors import UsageError
-from fourdthinker.outdir import OutputDirError, atomic_output_dir
+from fourdthinker.outdir import atomic_output_dir
 
 MAX_FRAMES = 50     # SpatialVID preprocessing skips clips with more extracted frames
 MIN_FRAMES = 6      # two subsampled camera steps and three thirds for the speed questions
@@ -955,12 +955,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def build_world(out: str | Path, cfg: SynthConfig, overwrite: bool = False) -> str:
     """Render `cfg.videos` clips into `out` (atomically) and return a one-line summary."""
-    try:
-        rows = _write_world(out, cfg, overwrite)
-    except OSError as err:
-        # e.g. a parent that passes the access() probe (root in /proc) yet cannot hold a directory.
-        raise OutputDirError(f"--out {out}: cannot write there ({err.strerror or err}); "
-                             f"choose a writable directory") from None
+    rows = _write_world(out, cfg, overwrite)
     kinds = len({row["type"] for row in rows})
     groups = -(-cfg.videos // cfg.videos_per_group)
     return (f"synthetic world: {cfg.videos} clips in {groups} groups ({cfg.num_frames} frames, "

@@ -46,8 +46,6 @@ _COMPONENT_LABELS = (
 _GIMBAL_EPS = 1e-9
 # Pose quaternions are (near) unit; one this short carries no orientation and cannot be normalised.
 _MIN_QUATERNION_NORM = 1e-6
-# The geometric smoothing kernel is cut where its weight falls below this (relative to the centre).
-_KERNEL_CUTOFF = 1e-6
 
 _SEGMENT_KEY = re.compile(r"^(\d+)->(\d+)$")
 
@@ -58,6 +56,10 @@ class InvalidPoses(ValueError):
 
 class TooFewPoses(InvalidPoses):
     """The clip has too few poses to form one labelled step after subsampling."""
+
+
+# Steps in the geometric rule's running median (odd).
+GEOMETRIC_MEDIAN_WINDOW = 3
 
 
 def min_poses(interval: int = 2) -> int:
@@ -77,8 +79,9 @@ def label_poses(
 
     Returns {"a->b": labels} with contiguous keys from 0 to ceil(N/interval)-1; each label list holds
     at most one label per axis in the order Dolly, Truck, Pedestal, Pan, Tilt, Roll, or is ["Stay"].
-    `alpha` is the smoothing factor (smaller = smoother): `spatialvid` runs an EMA over absolute poses,
-    `geometric` weighs neighbouring steps by (1 - alpha)^|k|. Thresholds are strict and per
+    `alpha` is the smoothing factor of `spatialvid`'s EMA over absolute poses (smaller = smoother);
+    `geometric` instead takes a 3-step running median of the per-step motions, which removes
+    single-step noise without moving motion boundaries. Thresholds are strict and per
     subsampled step (translation in pose units, rotation in degrees).
     Raises TooFewPoses below `min_poses(interval)` rows and InvalidPoses for malformed poses.
     """
@@ -198,21 +201,19 @@ def _geometric_motions(poses: np.ndarray, alpha: float) -> np.ndarray:
     steps = np.einsum("sij,sj->si", rotations[:-1], centres[1:] - centres[:-1])
     relative = rotations[1:] @ np.swapaxes(rotations[:-1], -1, -2)
     motions = np.concatenate([steps, extrinsic_yxz_angles(relative)], axis=1)
-    return _symmetric_exponential_smooth(motions, alpha)
+    return _running_median(motions, GEOMETRIC_MEDIAN_WINDOW)
 
 
-def _symmetric_exponential_smooth(signal: np.ndarray, alpha: float) -> np.ndarray:
-    """Weighted mean over steps with weights (1 - alpha)^|k|, renormalised where the window leaves
-    the clip: zero phase (no lag) and constant motion is kept exactly (no cold start)."""
-    decay = 1.0 - alpha
-    n = len(signal)
-    half = 0 if decay == 0 else min(n - 1, math.ceil(math.log(_KERNEL_CUTOFF) / math.log(decay)))
-    weights = decay ** np.abs(np.arange(-half, half + 1))
-    padded = np.pad(signal, ((half, half), (0, 0)))
-    inside = np.pad(np.ones(n), (half, half))
-    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1, axis=0)  # (n, C, K)
-    mass = np.lib.stride_tricks.sliding_window_view(inside, 2 * half + 1) @ weights
-    return (windows @ weights) / mass[:, None]
+def _running_median(signal: np.ndarray, window: int) -> np.ndarray:
+    """Per-column median over `window` consecutive steps (edges replicated). A median removes an
+    isolated noisy step yet keeps a change of motion exactly where it happens; a mean (or EMA)
+    would smear it across the neighbouring steps and mislabel both sides of the boundary."""
+    half = window // 2
+    if half == 0 or len(signal) < 3:
+        return signal
+    padded = np.pad(signal, ((half, half), (0, 0)), mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, window, axis=0)  # (n, C, window)
+    return np.median(windows, axis=-1)
 
 
 def _merge_runs(codes: np.ndarray) -> dict[str, list[str]]:

@@ -47,10 +47,19 @@ class LatentWorkerExtension:
             raise RuntimeError("latent decoding is not attached: call latent_attach first")
         return state
 
-    def latent_pop(self, keys: list[str]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
-        """Vectors fed per request key, as CPU float32 [n, H], with their token positions."""
-        out = self._latent_state().pop(list(keys))
-        return {k: (pos, None if v is None else v.to("cpu", torch.float32)) for k, (pos, v) in out.items()}
+    def latent_pop(self, keys: list[str]) -> dict[str, tuple[list[int], bytes, int]]:
+        """Vectors fed per request key: (token positions, float32 bytes of [n, H], H).
+
+        Raw bytes, because vLLM's multi-process RPC encodes tensors as nested lists;
+        `decode_latents` turns them back into tensors.
+        """
+        out = {}
+        for key, (pos, vectors) in self._latent_state().pop(list(keys)).items():
+            if vectors is None:
+                out[key] = (pos, b"", 0)
+            else:
+                out[key] = (pos, vectors.to("cpu", torch.float32).contiguous().numpy().tobytes(), vectors.shape[-1])
+        return out
 
     def latent_injected_rows(self) -> int:
         return self._latent_state().injected_rows
@@ -64,11 +73,12 @@ class LatentWorkerExtension:
 
         initialize_layerwise_reload(self.model_runner.get_model())
 
-    def load_weight_bucket(self, bucket) -> int:
-        """Load one `fourdthinker.weights.WeightBucket`: one buffer copy, then the model's own loader."""
-        from fourdthinker.weights import unpack_bucket
+    def load_weight_bucket(self, names, shapes, dtypes, data: bytes) -> int:
+        """Load one `WeightBucket` (in its wire form): one buffer copy, then the model's own loader."""
+        from fourdthinker.weights import WeightBucket, unpack_bucket
 
         model = self.model_runner.get_model()
+        bucket = WeightBucket.from_wire(names, shapes, dtypes, data)
         tensors = unpack_bucket(bucket, self.model_runner.device)
         model.load_weights(tensors)
         return len(tensors)
@@ -82,3 +92,12 @@ class LatentWorkerExtension:
         """float64 sum per parameter (vLLM names): to check a sync landed everywhere."""
         model = self.model_runner.get_model()
         return {n: float(p.detach().double().sum()) for n, p in model.named_parameters()}
+
+
+def decode_latents(popped: dict[str, tuple[list[int], bytes, int]]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+    """The inverse of `latent_pop`'s wire format: key -> (positions, float32 [n, H] or None)."""
+    out = {}
+    for key, (pos, raw, hidden) in popped.items():
+        vectors = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(-1, hidden) if raw else None
+        out[key] = (list(pos), vectors)
+    return out

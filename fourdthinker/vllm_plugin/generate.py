@@ -121,6 +121,12 @@ class LatentGenerator:
         return _Prepared(prompt, num_tokens)
 
     # -- generation -----------------------------------------------------------------------------
+    def pop_latents(self, keys: list[str]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+        """Fetch (and forget) the latent vectors of finished requests, by their latent_key."""
+        from fourdthinker.vllm_plugin.extension import decode_latents
+
+        return decode_latents(self.llm.collective_rpc("latent_pop", args=(list(keys),))[0]) if keys else {}
+
     def generate(self, requests: Sequence[GenerationRequest], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams
 
@@ -145,7 +151,7 @@ class LatentGenerator:
                 where.append((i, j))
         outputs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
         keys = [k for p in prepared for k in p.keys]
-        latents = self.llm.collective_rpc("latent_pop", args=(keys,))[0] if keys else {}
+        latents = self.pop_latents(keys)
 
         results: list[list[Completion]] = [[] for _ in requests]
         for (i, _), out, key in zip(where, outputs, keys):
