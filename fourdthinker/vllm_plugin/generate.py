@@ -106,11 +106,11 @@ class LatentGenerator:
         num_tokens = len(self.processor.tokenizer(text).input_ids)
         if frames:
             arr = np.stack([np.asarray(f) for f in frames])
-            meta = {"fps": VIDEO_FPS, "total_num_frames": len(frames), "duration": len(frames) / VIDEO_FPS,
-                    "frames_indices": list(range(len(frames))), "video_backend": "frames",
-                    "do_sample_frames": False}
-            prompt["multi_modal_data"] = {"video": [(arr, meta)]}
-            prompt["mm_processor_kwargs"] = {"do_sample_frames": False}
+            prompt["multi_modal_data"] = {"video": [arr]}
+            # vLLM hands these to the HF processor; transformers 5 reads the frame rate (and so
+            # M-RoPE's temporal step) from video_metadata, not from the (arr, meta) tuple.
+            prompt["mm_processor_kwargs"] = {"do_sample_frames": False,
+                                             "video_metadata": [{"fps": VIDEO_FPS, "total_num_frames": len(frames)}]}
             grid_t = -(-len(frames) // 2)
             h, w = arr.shape[1:3]
             num_tokens += grid_t * (h // 28) * (w // 28) - 1  # video pads replace one placeholder
