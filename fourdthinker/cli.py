@@ -25,11 +25,16 @@ def _positive(name: str):
 
 
 def _cmd_tiny_model(args) -> int:
-    from fourdthinker.tiny_model import build_tiny_model, weights_digest
+    import torch
 
-    out = build_tiny_model(args.out, seed=args.seed, latent_size=args.latent_size,
-                           overwrite=args.overwrite)
-    print(f"tiny Qwen2.5-VL written to {out} (weights sha256 {weights_digest(out)[:16]})")
+    from fourdthinker.tiny_model import SHAPES, build_tiny_model, weights_digest
+
+    big = args.shape != "tiny"
+    out = build_tiny_model(args.out, seed=args.seed, latent_size=args.latent_size, overwrite=args.overwrite,
+                           shape=SHAPES[args.shape], dtype=torch.bfloat16 if big else torch.float32,
+                           device="cuda" if big and torch.cuda.is_available() else "cpu")
+    digest = "" if big else f" (weights sha256 {weights_digest(out)[:16]})"
+    print(f"random Qwen2.5-VL ({args.shape} shape) written to {out}{digest}")
     return 0
 
 
@@ -51,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (created)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latent-size", type=_positive("--latent-size"), default=4)
+    p.add_argument("--shape", choices=["tiny", "3b"], default="tiny",
+                   help="tiny (fp32, tests) or the Qwen2.5-VL-3B shape (bf16, random weights, benchmarks)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_cmd_tiny_model)
 

@@ -78,18 +78,30 @@ The answer is B. The best option is C. Answer: D. Option: A.
 
 @dataclass(frozen=True)
 class TinyShape:
-    """The shape of the tiny model. Head size 64: vLLM's CPU attention rejects smaller heads."""
+    """The shape of the random model. Head size 64: vLLM's CPU attention rejects smaller heads."""
 
-    vocab_size: int = 1024
+    vocab_size: int = 1024  # BPE merges to learn (the corpus caps it lower)
+    embedding_rows: int | None = None  # pad the embedding/lm_head rows (Qwen's checkpoints carry spare rows)
     hidden_size: int = 128
     num_layers: int = 4
     num_heads: int = 2
     num_kv_heads: int = 1
     intermediate_size: int = 512
     vision_hidden_size: int = 128
+    vision_intermediate_size: int = 256
     vision_depth: int = 2
     vision_heads: int = 2
+    vision_fullatt_blocks: tuple[int, ...] = (1,)
     tie_word_embeddings: bool = False
+
+
+# Qwen2.5-VL-3B-Instruct's shape, for benchmarks with random weights (no hub download possible).
+QWEN25_VL_3B = TinyShape(
+    embedding_rows=151936, hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2,
+    intermediate_size=11008, vision_hidden_size=1280, vision_intermediate_size=3420, vision_depth=32,
+    vision_heads=16, vision_fullatt_blocks=(7, 15, 23, 31), tie_word_embeddings=True)
+
+SHAPES = {"tiny": TinyShape(), "3b": QWEN25_VL_3B}
 
 
 def build_tokenizer(vocab_size: int):
@@ -143,7 +155,7 @@ def build_config(tokenizer, shape: TinyShape):
     half = head_dim // 2
     mrope = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden_size,
+        vocab_size=max(len(tokenizer), shape.embedding_rows or 0), hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size, num_hidden_layers=shape.num_layers,
         num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads,
         max_position_embeddings=4096, rms_norm_eps=1e-6,
@@ -153,9 +165,9 @@ def build_config(tokenizer, shape: TinyShape):
     )
     vision = dict(
         depth=shape.vision_depth, hidden_size=shape.vision_hidden_size,
-        intermediate_size=2 * shape.vision_hidden_size, num_heads=shape.vision_heads,
+        intermediate_size=shape.vision_intermediate_size, num_heads=shape.vision_heads,
         out_hidden_size=shape.hidden_size, patch_size=14, spatial_merge_size=2,
-        temporal_patch_size=2, window_size=112, fullatt_block_indexes=[shape.vision_depth - 1],
+        temporal_patch_size=2, window_size=112, fullatt_block_indexes=list(shape.vision_fullatt_blocks),
         tokens_per_second=2,
     )
     return Qwen2_5_VLConfig(
@@ -169,8 +181,11 @@ def build_config(tokenizer, shape: TinyShape):
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, latent_size: int = DEFAULT_LATENT_SIZE,
-                     shape: TinyShape = TinyShape(), overwrite: bool = False) -> Path:
-    """Build the tiny model into `out_dir` (written to a temp dir first, then renamed)."""
+                     shape: TinyShape = TinyShape(), overwrite: bool = False,
+                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Path:
+    """Build the model into `out_dir` (written to a temp dir first, then renamed).
+
+    Large shapes: pass device="cuda" (initialising billions of weights on a CPU takes minutes)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = Path(out_dir)
@@ -179,7 +194,8 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, latent_size: int = DEFA
     processor = build_processor(tokenizer)
     config = build_config(tokenizer, shape)
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
     add_latent_tokens(processor, model, latent_size=latent_size)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>"),
                                             tokenizer.convert_tokens_to_ids("<|endoftext|>")]

@@ -192,12 +192,12 @@ def test_grpo_learns_an_easy_rule_on_the_tiny_model(tiny_model_dir):
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     ids = LatentIds.from_config(policy.config)
     hidden = policy.config.text_config.hidden_size
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
     group, questions = 8, ["Pan or tilt?", "Which way does it move?"]
     inputs = prompt_batch(processor, [(q, None) for q in questions for _ in range(group)])
     gen = torch.Generator().manual_seed(0)
     history = []
-    for _ in range(30):
+    for _ in range(14):
         policy.eval()
         out = generate_latent(policy, inputs, ids, 6, do_sample=True, generator=gen, eos_token_ids=[])
         rewards = torch.tensor([float(np.mean([t % 2 == 0 for t in seq])) for seq in out.sequences])
@@ -220,5 +220,5 @@ def test_grpo_learns_an_easy_rule_on_the_tiny_model(tiny_model_dir):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    early, late = np.mean(history[:5]), np.mean(history[-5:])
+    early, late = np.mean(history[:3]), np.mean(history[-3:])
     assert late > early + 0.2, history

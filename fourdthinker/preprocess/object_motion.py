@@ -44,7 +44,7 @@ class MotionThresholds:
     sideways: float = 0.75
     # ... or its depth changes by this fraction. Depth from mask area is the noisy axis (a box seen
     # from a new angle shows a new face), so it gets its own, scale-free threshold.
-    depth_change: float = 0.15
+    depth_change: float = 0.1
     along_sight_deg: float = 45.0  # motion this close to the line of sight is toward/away
     distance_ratio: float = 0.1  # relative change of camera distance for closer/farther
     speed_ratio: float = 1.3  # ratio between thirds' mean speeds that counts as a change

@@ -203,7 +203,8 @@ def validate_text_output(text: str, num_images: int, expected_answer: str) -> st
         if _SENTENCE_BREAK.search(between):
             return f"the {OUTPUT_IMAGE} tags are not together in one sentence"
         if len(between) > MAX_TAG_SPAN_PER_IMAGE * num_images:
-            return f"the {OUTPUT_IMAGE} tags span {len(between)} characters (> {MAX_TAG_SPAN_PER_IMAGE} per image)"
+            return (f"the {OUTPUT_IMAGE} tags span {len(between)} characters "
+                    f"(> {MAX_TAG_SPAN_PER_IMAGE} per image)")
     if answer != expected_answer:
         return f"answer {answer!r} differs from the gold option {expected_answer!r}"
     return None
@@ -246,8 +247,8 @@ def write_clip_questions(clip: ClipAnnotation, writer: QaWriter, rng: random.Ran
     if overlay_dir is None:
         overlay_dir = Path(clip.frame_paths[0]).parent.parent / "overlays"
     overlays = _OverlayCache(clip, Path(overlay_dir))
-    jobs, drops = plan_camera_questions(clip, overlays, rng)
-    dynamic_jobs, dynamic_drops = plan_dynamic_questions(clip, overlays, rng)
+    jobs, drops = _plan_camera_questions(clip, overlays, rng)
+    dynamic_jobs, dynamic_drops = _plan_dynamic_questions(clip, overlays, rng)
     jobs += dynamic_jobs
     drops += dynamic_drops
 
@@ -279,8 +280,8 @@ def write_clip_questions(clip: ClipAnnotation, writer: QaWriter, rng: random.Ran
     return samples, drops
 
 
-def plan_camera_questions(clip: ClipAnnotation, overlays: "_OverlayCache",
-                          rng: random.Random) -> tuple[list[QuestionJob], list[str]]:
+def _plan_camera_questions(clip: ClipAnnotation, overlays: "_OverlayCache",
+                           rng: random.Random) -> tuple[list[QuestionJob], list[str]]:
     """One question per camera segment with motion; mental images of a static object on the
     segment's start frame, 1-2 intermediate frames for multi-movement segments, and its end frame."""
     statics = _by_coverage(clip, dynamic=False)
@@ -324,8 +325,8 @@ def plan_camera_questions(clip: ClipAnnotation, overlays: "_OverlayCache",
                     pass  # the start and end images alone still show the motion
         try:
             distractors = camera_distractors(labels, rng)
-            options, letter = multiple_choice(format_movement(labels), [format_movement(d) for d in distractors],
-                                              rng)
+            distractor_texts = [format_movement(d) for d in distractors]
+            options, letter = multiple_choice(format_movement(labels), distractor_texts, rng)
         except ValueError as err:
             drops.append(f"{sample_id}: {err}")
             continue
@@ -334,8 +335,8 @@ def plan_camera_questions(clip: ClipAnnotation, overlays: "_OverlayCache",
     return jobs, drops
 
 
-def plan_dynamic_questions(clip: ClipAnnotation, overlays: "_OverlayCache",
-                           rng: random.Random) -> tuple[list[QuestionJob], list[str]]:
+def _plan_dynamic_questions(clip: ClipAnnotation, overlays: "_OverlayCache",
+                            rng: random.Random) -> tuple[list[QuestionJob], list[str]]:
     """Up to two questions about the best-covered dynamic object (kinds drawn with the reference
     weights); mental images on up to 8 key frames spread over the frames where it is found."""
     sample_id = f"{clip.clip_id}_dynamic"
@@ -351,12 +352,13 @@ def plan_dynamic_questions(clip: ClipAnnotation, overlays: "_OverlayCache",
         except OverlayRejected as err:
             reasons.append(str(err))
     if len(images) < MIN_DYNAMIC_IMAGES:
+        why = "".join(f"; {reason}" for reason in reasons)
         return [], [f"{sample_id}: {len(images)} usable highlight(s) of the {track.name} "
-                    f"(needs {MIN_DYNAMIC_IMAGES}); {'; '.join(reasons)}".rstrip("; ")]
+                    f"(needs {MIN_DYNAMIC_IMAGES}){why}"]
 
-    kinds = _available_kinds(clip, track, images)
+    kinds = available_dynamic_kinds(clip, track, images)
     jobs, drops = [], []
-    for kind in _draw_kinds(kinds, rng, DYNAMIC_QUESTIONS_PER_CLIP):
+    for kind in draw_dynamic_kinds(kinds, rng, DYNAMIC_QUESTIONS_PER_CLIP):
         kind_id = f"{sample_id}_{kind}"
         try:
             correct, distractors = _dynamic_answer(track, kind, rng)
@@ -368,7 +370,10 @@ def plan_dynamic_questions(clip: ClipAnnotation, overlays: "_OverlayCache",
     return jobs, drops
 
 
-def _available_kinds(clip: ClipAnnotation, track: ObjectTrack, images: Sequence[MentalImage]) -> list[str]:
+def available_dynamic_kinds(clip: ClipAnnotation, track: ObjectTrack,
+                            images: Sequence[MentalImage]) -> list[str]:
+    """The question kinds the track's labels support: bbox needs a box on the first mental image's
+    frame, distance and speed their labels, and speed a moving object."""
     kinds = ["direct"]
     if initial_box_text(clip, track, images) is not None:
         kinds.append("bbox")
@@ -379,7 +384,7 @@ def _available_kinds(clip: ClipAnnotation, track: ObjectTrack, images: Sequence[
     return kinds
 
 
-def _draw_kinds(kinds: Sequence[str], rng: random.Random, count: int) -> list[str]:
+def draw_dynamic_kinds(kinds: Sequence[str], rng: random.Random, count: int) -> list[str]:
     """`count` distinct kinds by sequential weighted draws without replacement."""
     remaining, drawn = list(kinds), []
     while remaining and len(drawn) < count:
@@ -476,8 +481,10 @@ _DIRECTION_EVIDENCE = {
 
 _DISTANCE_EVIDENCE = {
     DISTANCE_CLOSER: "its highlighted region grows larger from view to view, so the gap to the camera shrinks",
-    DISTANCE_FARTHER: "its highlighted region becomes smaller from view to view, so the gap to the camera grows",
-    DISTANCE_SAME: "its highlighted region keeps roughly the same size, so the gap to the camera hardly changes",
+    DISTANCE_FARTHER: "its highlighted region becomes smaller from view to view, so the gap to the camera "
+                      "grows",
+    DISTANCE_SAME: "its highlighted region keeps roughly the same size, so the gap to the camera hardly "
+                   "changes",
 }
 
 _SPEED_EVIDENCE = {
@@ -544,8 +551,8 @@ class TemplateWriter:
             f"{static} stays still, so any change in how it appears comes from the camera.",
             imagery_sentence(f"the {static}", overlay_paths),
             f"Comparing the first view with the final one, the {static} {_join(motions)}.",
-            f"That is what {_join(causes)} {'produces' if len(causes) == 1 else 'produce'}, so the camera performs "
-            f"{format_movement(labels)}, which is option {answer_letter}.",
+            f"That is what {_join(causes)} {'produces' if len(causes) == 1 else 'produce'}, so the camera "
+            f"performs {format_movement(labels)}, which is option {answer_letter}.",
         ])
         return question, assemble_cot(think, answer_option(options, answer_letter))
 
@@ -565,8 +572,8 @@ class TemplateWriter:
             evidence = _SPEED_EVIDENCE[answer]
         start_hint = f" (it starts inside {fields['bbox']})" if kind == "bbox" else ""
         think = " ".join([
-            f"The question is about the {track.name} between {fields['start']} and {fields['end']}, so I locate it "
-            f"in the video{start_hint} and follow it through that interval.",
+            f"The question is about the {track.name} between {fields['start']} and {fields['end']}, so I "
+            f"locate it in the video{start_hint} and follow it through that interval.",
             imagery_sentence(f"the {track.name}", overlay_paths),
             f"Comparing these views, {_camera_note(clip, first.frame, last.frame)}, {evidence}.",
             f"So the answer is {answer}, option {answer_letter}.",

@@ -1,0 +1,142 @@
+"""Tokens/s and MFU of one DIFT training step (DeepSpeed ZeRO engine, one process).
+
+The step is the real one: `DiftCollator` batch (video user turn + assistant text with latent
+blocks), `dift_forward` (vision tower frozen, latent targets, CE + cosine loss), DeepSpeed
+backward and optimizer step, as `fourdthinker.dift_train` runs it. FLOPs count 6 x (trainable LM
+parameters) per token plus 2 x (vision parameters) per vision patch (forward only, frozen), and
+MFU divides by the card's dense bf16 peak.
+
+    python benchmarks/dift_step.py --model runs/tiny-model                     # CPU, tiny
+    python benchmarks/dift_step.py --model /tmp/qwen3b --frames 16 --frame-size 448 --text-words 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+# Dense bf16 peak (TFLOP/s) by card name fragment; CPU runs report no MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _peak(name: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def _samples(tmp: Path, n: int, frames: int, size: int, words: int, images: int):
+    import numpy as np
+    from PIL import Image
+
+    from fourdthinker.data.dift_dataset import DiftSample
+
+    rng = np.random.default_rng(0)
+    out = []
+    for s in range(n):
+        paths = []
+        for f in range(frames + images):
+            p = tmp / f"s{s}_f{f}.png"
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(p)
+            paths.append(str(p))
+        body = " ".join(["the camera pans left while the red box moves"] * max(1, words // 8))
+        tags = " then ".join(["<output_image>"] * images)
+        text = f"<think>{body} I imagine {tags} so the answer follows.</think><answer>B. Pan Left</answer>"
+        out.append(DiftSample(f"bench{s}", "What is the camera movement?\n\nA. Pan Right\nB. Pan Left\n"
+                              "C. Dolly In\nD. Tilt Up", text, paths[:frames], paths[frames:]))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--frame-size", type=int, default=224)
+    parser.add_argument("--text-words", type=int, default=200)
+    parser.add_argument("--images", type=int, default=2, help="mental images per sample")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--zero", type=int, default=2)
+    parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    import deepspeed
+    import torch
+
+    from fourdthinker.config import DiftConfig
+    from fourdthinker.data.collate import DiftCollator
+    from fourdthinker.dift_train import deepspeed_config, load_model_and_processor
+    from fourdthinker.model import dift_forward
+
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    cfg = DiftConfig(model_dir=args.model, train_jsonl="-", per_device_batch_size=args.batch,
+                     zero_stage=args.zero, gradient_checkpointing=not args.no_gradient_checkpointing,
+                     max_frames=args.frames, max_pixels=max(args.frame_size ** 2, 28 * 28))
+    model, processor, ids = load_model_and_processor(cfg, torch.float32)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n_vision = sum(p.numel() for p in model.model.visual.parameters())
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, **({"fused": True} if cuda else {"foreach": True}))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, 1, bf16=cuda, on_gpu=cuda),
+                                      dist_init_required=False)
+    device = engine.device
+    with tempfile.TemporaryDirectory() as tmp:
+        samples = _samples(Path(tmp), args.batch, args.frames, args.frame_size, args.text_words, args.images)
+        batch = DiftCollator(processor, ids, max_frames=args.frames, max_pixels=cfg.max_pixels)(samples)
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    tokens = int(batch["attention_mask"].sum())
+    patches = int(batch["pixel_values_videos"].shape[0]) + int(batch["pixel_values_latent"].shape[0])
+
+    times = []
+    for step in range(args.steps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = dift_forward(engine.module, batch, ids)
+        engine.backward(out.loss)
+        engine.step()
+        if cuda:
+            torch.cuda.synchronize()
+        if step > 0:  # the first step includes allocator and kernel warm-up
+            times.append(time.perf_counter() - t0)
+    seconds = sum(times) / len(times)
+    flops = 6 * n_train * tokens + 2 * n_vision * patches
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = _peak(name) if cuda else None
+    result = {
+        "benchmark": "dift_step", "date": time.strftime("%Y-%m-%d"), "device": name, "args": vars(args),
+        "tokens_per_step": tokens, "vision_patches": patches, "trainable_params": n_train,
+        "vision_params": n_vision, "seconds_per_step": seconds, "tokens_per_s": tokens / seconds,
+        "tflops": flops / seconds / 1e12, "mfu": (flops / seconds / 1e12 / peak) if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "loss": out.loss.item(),
+    }
+    print(f"\nDIFT step on {name}: {tokens} tokens ({patches} vision patches), batch {args.batch}, "
+          f"ZeRO-{args.zero}, grad ckpt {cfg.gradient_checkpointing}")
+    print(f"{'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
+    mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "-"
+    mem = f"{result['peak_memory_gib']:.1f}" if result["peak_memory_gib"] is not None else "-"
+    print(f"{seconds:>8.3f} {result['tokens_per_s']:>10.0f} {result['tflops']:>9.1f} {mfu:>7} {mem:>9}")
+    out_path = Path(args.out or f"benchmarks/results/dift_step-{name.replace(' ', '_')}.json")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

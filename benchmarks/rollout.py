@@ -1,0 +1,150 @@
+"""Rollout throughput: HF reference latent generation vs vLLM with the latent plugin vs plain vLLM.
+
+Same model, same prompts (random token ids of a fixed length), same batch, fixed output length
+(greedy, eos ignored). The latent engines enter a latent block every `--latent-every` output steps,
+so a fair share of the decode steps feed hidden states back. Each engine runs in its own process
+(GPU memory is returned between them). Prints a table and writes JSON.
+
+    python benchmarks/rollout.py --model runs/tiny-model                       # CPU, tiny model
+    python benchmarks/rollout.py --model /tmp/qwen3b --prompts 64 --prompt-tokens 256 --new-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENGINES = ("hf", "plugin", "plain")
+
+
+def _prompts(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
+    """Random ordinary (non-special) token ids."""
+    import numpy as np
+
+    special = set(tokenizer.all_special_ids)
+    ordinary = np.array([i for i in range(len(tokenizer)) if i not in special])
+    return np.random.default_rng(seed).choice(ordinary, size=(n, length)).tolist()
+
+
+def _force_steps(new_tokens: int, every: int, latent_size: int) -> list[int]:
+    # Enter a block every `every` steps; a block spans latent_size + 2 tokens.
+    return list(range(every // 2, new_tokens - latent_size - 2, every)) if every > 0 else []
+
+
+def run_engine(engine: str, args) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from fourdthinker.tokens import LatentIds
+
+    ids = LatentIds.from_config(AutoConfig.from_pretrained(args.model, local_files_only=True))
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    prompts = _prompts(tokenizer, args.prompts, args.prompt_tokens, args.seed)
+    force = _force_steps(args.new_tokens, args.latent_every, ids.latent_size) if engine != "plain" else []
+    cuda = torch.cuda.is_available()
+
+    if engine == "hf":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from fourdthinker.model import generate_latent
+
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            args.model, local_files_only=True, dtype=torch.bfloat16 if cuda else torch.float32,
+            attn_implementation="sdpa").to("cuda" if cuda else "cpu").eval()
+        device = next(model.parameters()).device
+        inputs = {"input_ids": torch.tensor(prompts, device=device),
+                  "attention_mask": torch.ones(len(prompts), args.prompt_tokens, dtype=torch.long, device=device)}
+        generate_latent(model, {k: v[:2] for k, v in inputs.items()}, ids, 4)  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = generate_latent(model, inputs, ids, args.new_tokens, eos_token_ids=[],
+                              forced_latent_steps=[force] * len(prompts))
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(s) for s in out.sequences)
+        latents = sum(int(x.shape[0]) for x in out.latents)
+    else:
+        from vllm import SamplingParams
+
+        from fourdthinker.vllm_plugin.engine import make_llm
+
+        llm = make_llm(args.model, latent=engine == "plugin", max_model_len=args.prompt_tokens + args.new_tokens + 64,
+                       max_num_seqs=args.prompts, enforce_eager=not cuda)
+        def params(i: int) -> SamplingParams:
+            extra = {"latent_key": f"b{i}", "latent_force_steps": force} if engine == "plugin" else None
+            return SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
+                                  extra_args=extra)
+        batch = [{"prompt_token_ids": p} for p in prompts]
+        llm.generate(batch[:2], [params(i) for i in range(2)], use_tqdm=False)  # warm-up
+        if engine == "plugin":
+            llm.collective_rpc("latent_pop", args=([f"b{i}" for i in range(2)],))
+        t0 = time.perf_counter()
+        outs = llm.generate(batch, [params(i) for i in range(len(batch))], use_tqdm=False)
+        latents = 0
+        if engine == "plugin":
+            popped = llm.collective_rpc("latent_pop", args=([f"b{i}" for i in range(len(batch))],))[0]
+            latents = sum(len(pos) for pos, _, _ in popped.values())
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    return {"engine": engine, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "latent_slots": latents, "device": device_name}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--latent-every", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rollout-<device>.json)")
+    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # child process mode
+    args = parser.parse_args()
+
+    if args.engine:
+        print("RESULT " + json.dumps(run_engine(args.engine, args)), flush=True)
+        return 0
+
+    rows = []
+    for engine in args.engines.split(","):
+        cmd = [sys.executable, __file__, "--engine", engine] + sys.argv[1:]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"engine {engine} failed (exit {proc.returncode})")
+        rows.append(json.loads(line[-1][7:]))
+    by = {r["engine"]: r for r in rows}
+    print(f"\nrollout throughput: {args.prompts} prompts x ({args.prompt_tokens} prompt + {args.new_tokens} new) "
+          f"tokens, greedy, latent block every {args.latent_every} steps; device {rows[0]['device']}")
+    print(f"{'engine':<8} {'tokens/s':>12} {'seconds':>9} {'latent slots':>13}")
+    for r in rows:
+        print(f"{r['engine']:<8} {r['tokens_per_s']:>12.1f} {r['seconds']:>9.2f} {r['latent_slots']:>13}")
+    summary = {}
+    if "hf" in by and "plugin" in by:
+        summary["plugin_vs_hf"] = by["plugin"]["tokens_per_s"] / by["hf"]["tokens_per_s"]
+    if "plain" in by and "plugin" in by:
+        summary["plugin_vs_plain"] = by["plugin"]["tokens_per_s"] / by["plain"]["tokens_per_s"]
+    for k, v in summary.items():
+        print(f"{k}: {v:.2f}x")
+    device = rows[0]["device"].replace(" ", "_")
+    out = Path(args.out or f"benchmarks/results/rollout-{device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "rollout", "date": time.strftime("%Y-%m-%d"), "args": {
+        k: v for k, v in vars(args).items() if k != "engine"}, "results": rows, "summary": summary}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
