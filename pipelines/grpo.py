@@ -62,9 +62,26 @@ def generate_groups(actors: Sequence[Any], requests: Sequence[Any], sampling: An
                 raise RuntimeError(f"rollout actor {i} failed {retries} times this step") from err
             log.warning("rollout actor %d died (%s); re-syncing it and re-queueing %d prompts",
                         i, type(err).__name__, len(shards[i]))
+            _wait_until_restarted(actors[i])
             resync(actors[i])
             pending[i] = actors[i].generate.remote([requests[j] for j in shards[i]], sampling)
     return [group for i in range(len(shards)) for group in results[i]]
+
+
+def _wait_until_restarted(actor, timeout_s: float = 900.0) -> None:
+    """Block until Ray has restarted `actor` (its constructor, e.g. an engine start, has run)."""
+    import ray
+    from ray.exceptions import ActorUnavailableError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.__ray_ready__.remote())
+            return
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def score_groups(groups: Sequence[Sequence[Any]], solutions: Sequence[str], specs, num_tasks: int):

@@ -15,10 +15,10 @@ import os
 import sys
 
 from fourdthinker.actors.segmenter import SegmentClips
+from fourdthinker.config import load_config
 from fourdthinker.errors import UsageError
 from fourdthinker.preprocess.annotate import ClipAnnotator
 from fourdthinker.preprocess.config import PreprocessConfig
-from fourdthinker.config import load_config
 from fourdthinker.preprocess.frames import extract_frames
 from fourdthinker.preprocess.index import build_index
 from fourdthinker.preprocess.manifest import summary_table, write_outputs

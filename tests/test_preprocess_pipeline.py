@@ -59,6 +59,7 @@ def world(tmp_path_factory):
             shutil.copyfile(source_video, video)
         if clip_id not in ("ghost", "noannot"):
             shutil.copytree(source_annotations, annotations)
+            shutil.copytree(root / "ground_truth" / "clip_0000", root / "ground_truth" / clip_id)
         if clip_id == "corrupt":
             video.write_bytes(video.read_bytes()[:200])
         if clip_id == "wrongfps":

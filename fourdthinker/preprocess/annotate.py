@@ -164,9 +164,9 @@ def process_clip(row: dict, cfg: PreprocessConfig, writer) -> dict:
 def make_writer(cfg: PreprocessConfig):
     """The QA writer: the offline template writer, or the LLM writer when `llm.base_url` is set."""
     if cfg.llm.base_url:
-        from fourdthinker.preprocess.llm_writer import LlmWriter
+        from fourdthinker.preprocess.llm_writer import OpenAIWriter
 
-        return LlmWriter.from_config(cfg.llm)
+        return OpenAIWriter.from_config(cfg.llm, cache_dir=str(Path(cfg.output_dir) / "llm_cache"))
     from fourdthinker.preprocess.qa import TemplateWriter
 
     return TemplateWriter(seed=cfg.seed)

@@ -33,6 +33,9 @@ def llm_kwargs(model_dir: str | Path, *, latent: bool = True, max_model_len: int
         dtype="bfloat16" if cuda else "float32",
         worker_extension_cls=WORKER_EXTENSION,
     )
+    # The caller may already hold a CUDA context (a learner, a benchmark): forked engine
+    # processes cannot re-initialise CUDA, spawned ones can.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     if not cuda:
         # vLLM-CPU reads its KV-cache size (GiB) from the environment.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
