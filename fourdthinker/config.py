@@ -164,7 +164,7 @@ class DiftConfig:
     bf16: bool | None = None  # None: bf16 on GPU, fp32 on CPU
     num_workers: int = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0
     checkpoint_every: int = 50  # optimizer steps; 0 disables intermediate checkpoints
     keep_checkpoints: int = 2
     seed: int = 42

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections import Counter
@@ -142,6 +141,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_batch = (step % steps_per_epoch) * cfg.grad_accum
         log.info("resumed from step %d", step)
 
+    metrics_log = Path(cfg.output_dir) / cfg.run_name / "metrics.jsonl" if rank == 0 else None
+    if metrics_log is not None:
+        metrics_log.parent.mkdir(parents=True, exist_ok=True)
     writer = None
     if rank == 0 and cfg.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -169,7 +171,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(out.loss)
             engine.step()
             for name in ("loss", "ce", "sim", "cos"):
-                sums[name] += float(getattr(out, name))
+                sums[name] += float(getattr(out, name).detach())
             sums["tokens"] += int(batch["attention_mask"].sum())
             sums["micro"] += 1
             if sums["micro"] % cfg.grad_accum:
@@ -182,6 +184,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if writer is not None:
                 for k, v in metrics.items():
                     writer.add_scalar(f"dift/{k}", v, step)
+            if metrics_log is not None:
+                with metrics_log.open("a") as f:
+                    f.write(json.dumps(metrics) + "\n")
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", cos=f"{metrics['cos']:.3f}",

@@ -29,15 +29,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dift: error: {err}", file=sys.stderr)
         return 2
 
+    from fourdthinker.cluster import ray_session
+
+    with ray_session():
+        return _train(cfg)
+
+
+def _train(cfg: DiftConfig) -> int:
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from fourdthinker.dift_train import HF_DIR, train_loop_per_worker
 
-    ray.init(address="auto" if _cluster_address() else None, ignore_reinit_error=True)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    # Workers do not share the driver's working directory: hand them absolute paths.
     output_dir = Path(cfg.output_dir).resolve()
+    cfg.output_dir, cfg.model_dir, cfg.train_jsonl = (str(output_dir), str(Path(cfg.model_dir).resolve()),
+                                                      str(Path(cfg.train_jsonl).resolve()))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=to_dict(cfg),
@@ -57,12 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dift: {metrics.get('step', 0)} steps, final loss {metrics.get('loss', float('nan')):.4f}, "
           f"cos {metrics.get('cos', float('nan')):.3f}; model -> {final}")
     return 0
-
-
-def _cluster_address() -> bool:
-    import os
-
-    return bool(os.environ.get("RAY_ADDRESS"))
 
 
 if __name__ == "__main__":

@@ -313,19 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    import ray
+    from fourdthinker.cluster import ray_session
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else None)
     try:
-        metrics = train(cfg)
+        with ray_session():
+            metrics = train(cfg)
     except UsageError as err:
         print(f"grpo: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        if started_here:
-            ray.shutdown()
     print(f"grpo: {int(metrics.get('step', 0))} steps, reward {metrics.get('reward/total/mean', float('nan')):.3f}, "
           f"kl {metrics.get('kl', float('nan')):.4f}; model -> "
           f"{Path(cfg.output_dir).resolve() / cfg.run_name / 'final'}")

@@ -11,7 +11,6 @@ Re-running resumes: finished clips are skipped and the final files are rebuilt f
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from fourdthinker.actors.segmenter import SegmentClips
@@ -62,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preprocess: error: {err}", file=sys.stderr)
         return 2
 
-    import ray
+    from fourdthinker.cluster import ray_session
 
-    ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else None, ignore_reinit_error=True)
     try:
-        summary = run(cfg)
+        with ray_session():
+            summary = run(cfg)
     except UsageError as err:
         print(f"preprocess: error: {err}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from fourdthinker.cli import main
-from fourdthinker.data.render import Ground, Intrinsics, SceneFrame, cast_rays
+from fourdthinker.data.render import Ground, SceneFrame, cast_rays
 from fourdthinker.data.spatialvid import (ClipPaths, camera_centres, quaternion_to_rotation, read_indexes,
                                           read_instructions, read_intrinsics, read_poses,
                                           rotation_to_quaternion, rows_to_world_to_camera)
