@@ -29,6 +29,14 @@ def _steps(out: Path, run: str = "dift-tiny") -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+def _committed_steps(out: Path, run: str = "dift-tiny") -> list[int]:
+    snapshot = out / run / "checkpoint_manager_snapshot.json"
+    try:
+        return [r["metrics"]["step"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 @pytest.fixture(scope="module")
 def dift_set(tmp_path_factory):
     return write_dift_set(tmp_path_factory.mktemp("dift-data"), n=8)
@@ -40,20 +48,22 @@ def test_killed_run_resumes_from_its_checkpoint_and_the_loss_goes_down(tiny_mode
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while len(_steps(out)) < 3 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+    # Kill once a checkpoint is committed (Ray Train records it in its snapshot) and training went on.
+    while (not _committed_steps(out) or len(_steps(out)) < 3) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
     proc.wait()
     killed_at = [m["step"] for m in _steps(out)]
-    assert 3 <= len(killed_at) < 8, killed_at
+    committed = _committed_steps(out)
+    assert committed and 3 <= len(killed_at) < 8, (killed_at, committed)
 
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [m["step"] for m in _steps(out)]
     resumed = steps[len(killed_at):]
-    last_checkpoint = (killed_at[-1] // 2) * 2
-    # The rerun starts right after the last checkpoint (not at 1) and finishes the run.
-    assert resumed == list(range(last_checkpoint + 1, 9)), steps
+    # The rerun starts right after the last committed checkpoint (not at 1) and finishes the run.
+    assert max(committed) >= 2
+    assert resumed == list(range(max(committed) + 1, 9)), (steps, committed)
     losses = {m["step"]: m["loss"] for m in _steps(out)}
     assert (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2
     final = out / "final"
