@@ -17,11 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fourdthinker.losses import KL_ESTIMATORS, GrpoLoss, grpo_loss, kl_penalty  # noqa: F401  (re-exported)
 from fourdthinker.rewards import RewardScores
 from fourdthinker.tokens import LatentIds
 from fourdthinker.vllm_plugin.generate import Completion
-
-KL_ESTIMATORS = ("k1", "k3")
 
 
 # -- advantages -------------------------------------------------------------------------------------
@@ -56,79 +55,6 @@ def pad_rows(rows: Sequence[Tensor], value: float = 0.0) -> tuple[Tensor, Tensor
 
 
 # -- the loss ---------------------------------------------------------------------------------------
-def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
-    """Per-token estimate of KL(policy || reference) from samples of the policy.
-
-    k1 = logp - ref (unbiased, can be negative; the reference's choice);
-    k3 = exp(ref - logp) - (ref - logp) - 1 (unbiased, always >= 0, lower variance).
-    """
-    if estimator == "k1":
-        return logp - ref_logp
-    if estimator == "k3":
-        delta = ref_logp - logp
-        return torch.exp(delta) - delta - 1
-    raise ValueError(f"kl_estimator={estimator!r}: choose one of {KL_ESTIMATORS}")
-
-
-@dataclass
-class GrpoLoss:
-    loss: Tensor  # differentiable scalar
-    policy_loss: Tensor  # detached scalars below: means over text tokens (per row, then rows)
-    kl: Tensor
-    clip_fraction: Tensor
-    ratio_mean: Tensor
-    num_text_tokens: int
-
-    def metrics(self) -> dict[str, float]:
-        values = torch.stack([self.loss.detach(), self.policy_loss, self.kl, self.clip_fraction,
-                              self.ratio_mean]).tolist()
-        return dict(zip(("loss", "policy_loss", "kl", "clip_fraction", "ratio_mean"), values))
-
-
-def _row_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean over each row's masked tokens, then over rows; a row with no tokens counts as 0."""
-    per_row = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    return per_row.mean()
-
-
-def grpo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-              ref_logp: Tensor | None = None, clip_eps: float = 0.2, beta: float = 0.01,
-              kl_estimator: str = "k3") -> GrpoLoss:
-    """The GRPO objective of a batch of completions, as a loss to minimise.
-
-    Per token: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) + beta * KL, with
-    ratio = exp(logp - old_logp) and A the row's advantage; averaged over each row's `mask` tokens
-    (its text tokens), then over rows. `logp`, `old_logp`, `ref_logp`, `mask` are [N, T];
-    `advantages` is [N]. Only `logp` carries gradient.
-    """
-    if not logp.shape == old_logp.shape == mask.shape or advantages.shape != logp.shape[:1]:
-        raise ValueError(f"shapes disagree: logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)}, "
-                         f"mask {tuple(mask.shape)}, advantages {tuple(advantages.shape)}")
-    if beta > 0 and ref_logp is None:
-        raise ValueError("beta > 0 needs the reference model's log-probs (ref_logp)")
-    mask = mask.to(logp.dtype)
-    adv = advantages.to(logp.dtype).unsqueeze(-1)
-    ratio = torch.exp(logp - old_logp.detach())
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
-    per_token = -torch.minimum(unclipped, clipped)
-    policy_loss = _row_mean(per_token, mask)
-    loss = policy_loss
-    kl = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    if ref_logp is not None:
-        kl = _row_mean(kl_penalty(logp, ref_logp.detach(), kl_estimator), mask)
-        if beta > 0:
-            loss = loss + beta * kl
-    with torch.no_grad():
-        # The clip is active where the clipped surrogate is the smaller one (no gradient flows).
-        active = (clipped < unclipped).to(logp.dtype)
-        clip_fraction = (active * mask).sum() / mask.sum().clamp(min=1)
-        ratio_mean = (ratio * mask).sum() / mask.sum().clamp(min=1)
-    return GrpoLoss(loss=loss, policy_loss=policy_loss.detach(), kl=kl.detach(),
-                    clip_fraction=clip_fraction, ratio_mean=ratio_mean,
-                    num_text_tokens=int(mask.sum()))
-
-
 def logprob_gap(learner_logp: Tensor, rollout_logp: Tensor, mask: Tensor) -> tuple[float, float]:
     """(max, mean) |learner - rollout| log-prob over masked tokens: the policy-consistency gap."""
     diff = (learner_logp.detach().float() - rollout_logp.float()).abs()[mask]
