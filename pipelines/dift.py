@@ -9,30 +9,15 @@ Hugging Face checkpoint (model + processor) is copied to <output_dir>/final.
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 from pathlib import Path
 
-from fourdthinker.config import DiftConfig, load_config, to_dict
-from fourdthinker.errors import UsageError
+from fourdthinker.cluster import run_stage
+from fourdthinker.config import DiftConfig, to_dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (see configs/*/dift.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_workers=2")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(DiftConfig, args.config, args.overrides)
-    except UsageError as err:
-        print(f"dift: error: {err}", file=sys.stderr)
-        return 2
-
-    from fourdthinker.cluster import ray_session
-
-    with ray_session():
-        return _train(cfg)
+    return run_stage("dift", DiftConfig, __doc__, argv, _train)
 
 
 def _train(cfg: DiftConfig) -> int:

@@ -12,12 +12,10 @@ are <run>/checkpoints/step_NNNNNN/{hf, deepspeed, state.json}; the last HF model
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,7 +23,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from fourdthinker.config import load_config, to_dict
+from fourdthinker.cluster import run_stage
+from fourdthinker.config import to_dict
 from fourdthinker.errors import UsageError
 from fourdthinker.grpo_config import GrpoConfig
 
@@ -302,25 +301,12 @@ def train(cfg: GrpoConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (see configs/*/grpo.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_rollouts=2")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(GrpoConfig, args.config, args.overrides)
-    except UsageError as err:
-        print(f"grpo: error: {err}", file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_stage("grpo", GrpoConfig, __doc__, argv, _run)
 
-    from fourdthinker.cluster import ray_session
 
-    try:
-        with ray_session():
-            metrics = train(cfg)
-    except UsageError as err:
-        print(f"grpo: error: {err}", file=sys.stderr)
-        return 2
+def _run(cfg: GrpoConfig) -> int:
+    metrics = train(cfg)
     print(f"grpo: {int(metrics.get('step', 0))} steps, reward {metrics.get('reward/total/mean', float('nan')):.3f}, "
           f"kl {metrics.get('kl', float('nan')):.4f}; model -> "
           f"{Path(cfg.output_dir).resolve() / cfg.run_name / 'final'}")

@@ -10,12 +10,8 @@ Re-running resumes: finished clips are skipped and the final files are rebuilt f
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from fourdthinker.actors.segmenter import SegmentClips
-from fourdthinker.config import load_config
-from fourdthinker.errors import UsageError
+from fourdthinker.cluster import run_stage
 from fourdthinker.preprocess.annotate import ClipAnnotator
 from fourdthinker.preprocess.config import PreprocessConfig
 from fourdthinker.preprocess.frames import extract_frames
@@ -51,24 +47,11 @@ def run(cfg: PreprocessConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (see configs/*/preprocess.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. input_root=/data/spatialvid")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(PreprocessConfig, args.config, args.overrides)
-    except UsageError as err:
-        print(f"preprocess: error: {err}", file=sys.stderr)
-        return 2
+    return run_stage("preprocess", PreprocessConfig, __doc__, argv, _run)
 
-    from fourdthinker.cluster import ray_session
 
-    try:
-        with ray_session():
-            summary = run(cfg)
-    except UsageError as err:
-        print(f"preprocess: error: {err}", file=sys.stderr)
-        return 2
+def _run(cfg: PreprocessConfig) -> int:
+    summary = run(cfg)
     print(summary_table(summary))
     print(f"preprocess: outputs in {cfg.output_dir}")
     return 0

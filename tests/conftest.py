@@ -28,3 +28,29 @@ def plain_llm(tiny_model_dir):
     from fourdthinker.vllm_plugin.engine import make_llm
 
     return make_llm(tiny_model_dir, latent=False, max_model_len=2048, max_num_seqs=16)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    """The tiny model loaded with transformers, vision tower frozen (as DIFT trains it)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from fourdthinker.model import freeze_vision_tower
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    freeze_vision_tower(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def ids(model):
+    from fourdthinker.tokens import LatentIds
+
+    return LatentIds.from_config(model.config)

@@ -10,31 +10,9 @@ from PIL import Image
 from fourdthinker.data.collate import DiftCollator, chat_messages, prompt_batch, render_latent_text
 from fourdthinker.data.dift_dataset import DiftSample
 from fourdthinker.data.video import VIDEO_FPS, load_frames, load_image
-from fourdthinker.model import (IGNORE_INDEX, dift_forward, embed_with_latents, freeze_vision_tower,
-                                latent_targets)
+from fourdthinker.model import (IGNORE_INDEX, dift_forward, embed_with_latents, latent_targets)
 from fourdthinker.prompts import question_prompt
-from fourdthinker.tokens import LATENT_END, LATENT_PAD, LATENT_START, LatentIds
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
-    freeze_vision_tower(model)
-    return model
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def ids(model) -> LatentIds:
-    return LatentIds.from_config(model.config)
+from fourdthinker.tokens import LATENT_END, LATENT_PAD, LATENT_START
 
 
 @pytest.fixture(scope="module")

@@ -11,31 +11,9 @@ from PIL import Image
 
 from fourdthinker.data.collate import DiftCollator, prompt_batch
 from fourdthinker.data.dift_dataset import DiftSample
-from fourdthinker.model import (IGNORE_INDEX, completion_logprobs, dift_forward, freeze_vision_tower,
-                                generate_latent, latent_slot_mask, latent_targets)
+from fourdthinker.model import (IGNORE_INDEX, completion_logprobs, dift_forward, generate_latent, latent_slot_mask, latent_targets)
 from fourdthinker.prompts import question_prompt
 from fourdthinker.tokens import LatentIds
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
-    freeze_vision_tower(model)
-    return model
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(tiny_model_dir)
-
-
-@pytest.fixture(scope="module")
-def ids(model) -> LatentIds:
-    return LatentIds.from_config(model.config)
 
 
 def _noise(rng, height: int, width: int) -> Image.Image:
