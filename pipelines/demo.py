@@ -94,7 +94,10 @@ def main() -> int:
                           f"train_jsonl={prep / 'rl.jsonl'}", f"output_dir={grpo_out}", "max_steps=2"])
     if rc != 0:
         return rc
-    _done(t0, f"checkpoint {grpo_out / 'final'}")
+    run = grpo_out / "grpo-tiny"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    _done(t0, f"{len(steps)} steps, reward {steps[-1]['reward/total/mean']:.3f}, rollout-vs-learner log-prob gap "
+              f"{max(m['logprob_gap/max'] for m in steps):.1e}; checkpoint {run / 'final'}")
     print(f"\ndemo finished: outputs under {out}")
     return 0
 
