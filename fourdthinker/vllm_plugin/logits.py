@@ -86,6 +86,9 @@ class LatentLogitsProcessor(LogitsProcessor):
     def _decide(self, row: _Row) -> int:
         k = self.state.latent_size
         out = row.output
+        last = out[-1] if out else (row.prompt[-1] if row.prompt else None)
+        if last != self.state.pad_id and last != self.state.start_id:  # the common case: plain text
+            return FORCE_START if len(out) in row.force_steps else 0
         tail = out[-(k + 1):]
         if len(tail) < k + 1:
             tail = row.prompt[len(tail) - (k + 1):] + tail

@@ -41,7 +41,7 @@ class LatentState:
         self.requests: dict[str, RequestLatents] = {}  # by latent key
         self.key_of_req_id: dict[str, str] = {}
         self._hidden: torch.Tensor | None = None  # this step's rows given to compute_logits
-        self.injected_rows = 0  # counter, for tests and metrics
+        self._injected = torch.zeros((), dtype=torch.long)
 
     # -- the model's side ------------------------------------------------------------------
     def stash_hidden(self, hidden: torch.Tensor) -> None:
@@ -71,6 +71,12 @@ class LatentState:
             if not store or not store.positions:
                 continue
             start, n = int(computed[i]), int(qsl[i + 1] - qsl[i])
+            if n == 1:  # decode: one dict lookup instead of a scan of the request's vectors
+                vec = store.positions.get(start)
+                if vec is not None:
+                    rows.append(int(qsl[i]))
+                    vectors.append(vec)
+                continue
             for pos, vec in store.positions.items():
                 if start <= pos < start + n:
                     rows.append(int(qsl[i]) + pos - start)
@@ -84,8 +90,14 @@ class LatentState:
         is_pad = input_ids.index_select(0, index) == self.pad_id
         current = embeds.index_select(0, index)
         embeds = embeds.index_copy(0, index, torch.where(is_pad.unsqueeze(-1), values, current))
-        self.injected_rows += int(is_pad.sum())
+        # Kept on the device: reading it here would stall the CPU on the GPU every step.
+        self._injected = self._injected + is_pad.sum()
         return embeds
+
+    @property
+    def injected_rows(self) -> int:
+        """Rows that received a latent vector so far (tests and metrics; synchronises once)."""
+        return int(self._injected)
 
     # -- the logits processor's side ------------------------------------------------------
     def record(self, hidden: torch.Tensor, rows: np.ndarray, keys: list[str], positions: list[int]) -> None:
