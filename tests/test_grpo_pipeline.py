@@ -116,8 +116,9 @@ def _flaky_rollout_class():
 
 
 def test_a_dead_rollout_actor_is_restarted_resynced_and_its_prompts_requeued(ray_local, tmp_path):
+    from fourdthinker.actors.rollout_group import generate_groups
+
     ray = ray_local
-    grpo = _pipeline()
     flaky = ray.remote(max_restarts=1, num_cpus=0)(_flaky_rollout_class())
     actors = [flaky.remote(str(tmp_path / "a")), flaky.remote(str(tmp_path / "b"))]
     (tmp_path / "b").write_text("healthy")  # only actor 0 dies
@@ -127,6 +128,6 @@ def test_a_dead_rollout_actor_is_restarted_resynced_and_its_prompts_requeued(ray
         resynced.append(actor)
         ray.get(actor.update_weights.remote(None, 7))
 
-    groups = grpo.generate_groups(actors, ["p0", "p1", "p2"], 2, resync, max_retries=1)
+    groups = generate_groups(actors, ["p0", "p1", "p2"], 2, resync, max_retries=1)
     assert groups == [["p0@v7", "p0@v7"], ["p1@v7", "p1@v7"], ["p2@v0", "p2@v0"]]
     assert resynced == [actors[0]]
