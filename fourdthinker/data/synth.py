@@ -35,8 +35,10 @@ import pandas as pd
 
 from fourdthinker.data.render import Ground, Intrinsics, SceneFrame, cast_rays, render
 from fourdthinker.data.spatialvid import METADATA_CSV, ClipPaths, world_to_camera_rows, write_annotations
+from fourdthinker.dsr import SUBTASKS
 from fourdthinker.errors import UsageError
 from fourdthinker.outdir import atomic_output_dir
+from fourdthinker.preprocess.vocab import OBJECT_DIRECTIONS, SPEED_LABELS
 
 MAX_FRAMES = 50     # SpatialVID preprocessing skips clips with more extracted frames
 MIN_FRAMES = 6      # two subsampled camera steps and three thirds for the speed questions
@@ -235,12 +237,8 @@ PALETTE: dict[str, tuple[float, float, float]] = {
     "brown": (0.45, 0.27, 0.1),
 }
 
-DIRECTIONS = ("Moving Left", "Moving Right", "Moving Up", "Moving Down", "Moving Left-Up",
-              "Moving Left-Down", "Moving Right-Up", "Moving Right-Down", "Moving Toward Camera",
-              "Moving Away from Camera", "Stationary")
-SPEEDS = ("Speeding Up", "Slowing Down", "Maintaining a Constant Speed",
-          "First Speeding Up, Then Slowing Down", "First Slowing Down, Then Speeding Up",
-          "Moving at Varying Speeds")
+DIRECTIONS = OBJECT_DIRECTIONS  # the reference vocabularies (preprocess/vocab.py)
+SPEEDS = SPEED_LABELS
 # Normalised distance travelled s(tau), tau in [0, 1], for each generated speed profile.
 _SPEED_PROFILES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "Maintaining a Constant Speed": lambda t: t,
@@ -577,8 +575,7 @@ def write_clip(root: Path, clip: Clip) -> dict:
 
 # --- benchmark geometry (all on tracks.json dicts) ---------------------------------------------------
 
-DSR_KEYS = ("abs_dis", "abs_dir", "abs_ori", "abs_spd", "abs_spd_comp", "abs_dir_pred", "rel_dis",
-            "rel_dir", "rel_ori", "rel_spd", "rel_spd_comp", "rel_dir_pred", "non_temp")
+DSR_KEYS = tuple(SUBTASKS)  # the benchmark's 13 sub-task keys, in the published order
 STILL = 0.15            # world units: displacements below this are "Stationary"
 RESTING_SPEED = 0.02    # world units per second: below this an object "does not move"
 _SECTOR_TOLERANCE_DEG = 12.5
