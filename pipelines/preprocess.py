@@ -10,29 +10,11 @@ Re-running resumes: finished clips are skipped and the final files are rebuilt f
 
 from __future__ import annotations
 
-from fourdthinker.actors.segmenter import SegmentClips
 from fourdthinker.cluster import run_stage
-from fourdthinker.preprocess.annotate import ClipAnnotator
 from fourdthinker.preprocess.config import PreprocessConfig
-from fourdthinker.preprocess.frames import extract_frames
+from fourdthinker.preprocess.dataset import annotated_clips
 from fourdthinker.preprocess.index import build_index
 from fourdthinker.preprocess.manifest import summary_table, write_outputs
-
-
-def build_dataset(cfg: PreprocessConfig, rows: list[dict]):
-    """The lazy Ray Data plan over the index rows; consuming it processes and records every clip."""
-    import ray.data
-
-    seg = cfg.segmenter
-    return (
-        ray.data.from_items(rows)
-        .map(extract_frames, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode_cpus)
-        .map_batches(SegmentClips, fn_constructor_kwargs={"cfg": cfg}, batch_size=seg.batch_size,
-                     batch_format="pandas", num_gpus=seg.num_gpus_per_actor, num_cpus=seg.num_cpus_per_actor,
-                     compute=ray.data.ActorPoolStrategy(min_size=seg.min_actors, max_size=seg.max_actors))
-        .map(ClipAnnotator, fn_constructor_kwargs={"cfg": cfg}, num_cpus=1,
-             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.llm.max_concurrency if cfg.llm.base_url else 1))
-    )
 
 
 def run(cfg: PreprocessConfig) -> dict:
@@ -41,7 +23,7 @@ def run(cfg: PreprocessConfig) -> dict:
     print(f"preprocess: {counts['listed']} clips listed, {counts['filtered']} filtered out, "
           f"{counts['finished']} already finished, {len(rows)} to process")
     if rows:
-        for _ in build_dataset(cfg, rows).iter_rows():
+        for _ in annotated_clips(cfg, rows).iter_rows():
             pass  # each clip's result is written by the annotate stage as it finishes
     return write_outputs(cfg.output_dir)
 
