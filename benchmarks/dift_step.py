@@ -13,11 +13,12 @@ MFU divides by the card's dense bf16 peak.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
+
+from report import write_result  # benchmarks/report.py (scripts run from benchmarks/)
 
 # Dense bf16 peak (TFLOP/s) by card name fragment; CPU runs report no MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -131,10 +132,7 @@ def main() -> int:
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "-"
     mem = f"{result['peak_memory_gib']:.1f}" if result["peak_memory_gib"] is not None else "-"
     print(f"{seconds:>8.3f} {result['tokens_per_s']:>10.0f} {result['tflops']:>9.1f} {mfu:>7} {mem:>9}")
-    out_path = Path(args.out or f"benchmarks/results/dift_step-{name.replace(' ', '_')}.json")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out_path}")
+    write_result("dift_step", name, result, args.out)
     return 0
 
 

@@ -17,6 +17,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from report import write_result  # benchmarks/report.py (scripts run from benchmarks/)
+
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("time/generate", "time/reward", "time/train", "time/sync", "time/step")
 
@@ -81,10 +83,7 @@ def main() -> int:
           f"{cfg.num_rollouts} rollout actors, {cfg.num_learners} learner ranks (mean of {len(warm)} warm steps)")
     print("".join(f"{p.removeprefix('time/'):>10}" for p in PHASES) + "   (seconds)")
     print("".join(f"{result[p]:>10.3f}" for p in PHASES))
-    out = Path(args.out or f"benchmarks/results/grpo_step-{device.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result("grpo_step", device, result, args.out)
     return 0
 
 

@@ -12,10 +12,11 @@ its own directory so neither reuses the other's decoded frames. Prints a table a
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
+
+from report import write_result  # benchmarks/report.py (scripts run from benchmarks/)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,12 +86,8 @@ def main() -> int:
     for name, r in results.items():
         print(f"{name:<10} {r['frames']:>7} {r['seconds']:>8.2f} {r['frames_per_s']:>9.1f}")
     print(f"ray data / bare loop: {ratio:.2f}")
-    out = Path(args.out or f"benchmarks/results/preprocess-{device.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "preprocess", "date": time.strftime("%Y-%m-%d"), "device": device,
-                               "videos": args.videos, "overrides": args.overrides, "results": results,
-                               "ray_over_bare": ratio}, indent=2))
-    print(f"wrote {out}")
+    write_result("preprocess", device, {"videos": args.videos, "overrides": args.overrides,
+                                        "results": results, "ray_over_bare": ratio}, args.out)
     return 0
 
 

@@ -17,7 +17,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from report import write_result  # benchmarks/report.py (scripts run from benchmarks/)
 
 ENGINES = ("hf", "plugin", "plain")
 
@@ -137,12 +138,8 @@ def main() -> int:
         summary["plugin_vs_plain"] = by["plugin"]["tokens_per_s"] / by["plain"]["tokens_per_s"]
     for k, v in summary.items():
         print(f"{k}: {v:.2f}x")
-    device = rows[0]["device"].replace(" ", "_")
-    out = Path(args.out or f"benchmarks/results/rollout-{device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "rollout", "date": time.strftime("%Y-%m-%d"), "args": {
-        k: v for k, v in vars(args).items() if k != "engine"}, "results": rows, "summary": summary}, indent=2))
-    print(f"wrote {out}")
+    write_result("rollout", rows[0]["device"], {"args": {k: v for k, v in vars(args).items() if k != "engine"},
+                                                "results": rows, "summary": summary}, args.out)
     return 0
 
 

@@ -13,11 +13,12 @@ writes JSON to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 from pathlib import Path
+
+from report import write_result  # benchmarks/report.py (scripts run from benchmarks/)
 
 
 def main() -> int:
@@ -70,10 +71,7 @@ def main() -> int:
           f"{int(result['buckets'])} buckets -> {args.rollouts} rollout actors")
     print(f"{'median s':>9} {'min s':>7} {'MiB/s delivered':>16}")
     print(f"{result['median_s']:>9.3f} {min(seconds):>7.3f} {result['bytes_per_s_per_rollout'] / 2**20:>16.1f}")
-    out = Path(args.out or f"benchmarks/results/weight_sync-{device.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result("weight_sync", device, result, args.out)
     learner.shutdown()
     ray.shutdown()
     tmp.cleanup()
