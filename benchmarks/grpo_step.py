@@ -78,11 +78,20 @@ def main() -> int:
               "num_generations": cfg.num_generations, "max_tokens": cfg.max_tokens,
               "num_learners": cfg.num_learners, "num_rollouts": cfg.num_rollouts,
               "mean_completion_length": statistics.mean(s["completion_length/mean"] for s in warm),
+              "weight_sync": cfg.weight_sync, "colocate": cfg.colocate,
+              "sync_bytes": warm[-1].get("sync_bytes"),
+              "sync_bytes_per_s": statistics.mean([s["sync_bytes"] / s["sync_s"] for s in warm if s.get("sync_s")]
+                                                  or [float("nan")]),
+              # steps after the first run on synced weights: their gap is the sync's policy consistency
+              "logprob_gap_max": max(s["logprob_gap/max"] for s in warm),
+              "logprob_gap_mean": statistics.mean(s["logprob_gap/mean"] for s in warm),
               **{p: statistics.mean(s[p] for s in warm) for p in PHASES}}
     print(f"\nGRPO step on {device}: {cfg.prompts_per_step} prompts x {cfg.num_generations} completions, "
           f"{cfg.num_rollouts} rollout actors, {cfg.num_learners} learner ranks (mean of {len(warm)} warm steps)")
     print("".join(f"{p.removeprefix('time/'):>10}" for p in PHASES) + "   (seconds)")
     print("".join(f"{result[p]:>10.3f}" for p in PHASES))
+    print(f"sync ({cfg.weight_sync}): {result['sync_bytes_per_s'] / 1e9:.2f} GB/s; rollout-vs-learner log-prob gap "
+          f"after sync: max {result['logprob_gap_max']:.4f}, mean {result['logprob_gap_mean']:.5f}")
     write_result("grpo_step", device, result, args.out)
     return 0
 

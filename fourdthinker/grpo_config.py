@@ -69,6 +69,9 @@ class GrpoConfig:
     max_rollout_retries: int = 2  # per step, re-queued prompts of a rollout actor that died
 
     # -- weight sync, checkpoints, logging ------------------------------------------------------
+    # auto: a broadcast group (NCCL on GPU, gloo on CPU) between learner rank 0 and the engines,
+    # CUDA IPC when colocated on a GPU; object_store: through Ray's object store.
+    weight_sync: str = "auto"
     weight_bucket_mb: int = 256
     checkpoint_every: int = 50  # steps; 0: only at the end
     keep_checkpoints: int = 2
@@ -115,4 +118,10 @@ class GrpoConfig:
                               f"{self.num_rollouts} and {self.num_learners}")
         if not self.rewards:
             raise ConfigError("rewards: name at least one reward, e.g. {accuracy: 1.0, format: 0.2}")
+        from fourdthinker.weight_sync import TRANSPORTS
+
+        if self.weight_sync not in TRANSPORTS:
+            raise ConfigError(f"weight_sync: one of {', '.join(TRANSPORTS)}, got {self.weight_sync!r}")
+        if self.weight_sync == "cuda_ipc" and not (self.colocate and self.learner_gpus > 0):
+            raise ConfigError("weight_sync: cuda_ipc needs colocate: true with learner_gpus > 0 (one GPU shared)")
         self.reward_specs()  # unknown reward names fail here, at load time

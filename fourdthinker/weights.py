@@ -3,12 +3,16 @@
 A weight sync moves a whole model every RL step. Sending tensor by tensor costs one round trip
 (and one RPC into every vLLM worker) per parameter; packing them into ~hundreds-of-MB byte buffers
 makes it a handful of large copies, which is what the interconnect is good at.
+
+A `BucketLayout` is the metadata alone (names, shapes, dtypes, byte offsets): it is planned from
+the parameters' shapes before any byte moves, so a receiver can allocate the buffer a collective
+broadcast writes into. A `WeightBucket` is a layout with its bytes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -17,69 +21,116 @@ DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
 ALIGN = 16
 
 
-@dataclass
-class WeightBucket:
-    names: list[str]
-    shapes: list[tuple[int, ...]]
-    dtypes: list[str]  # torch dtype names, e.g. "float32"
-    flat: torch.Tensor  # uint8, the tensors' bytes back to back
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.flat.numel())
-
-    def to_wire(self) -> tuple[list[str], list[list[int]], list[str], bytes]:
-        """Plain Python values: what any RPC layer (vLLM's msgpack included) carries unchanged."""
-        return self.names, [list(s) for s in self.shapes], self.dtypes, self.flat.numpy().tobytes()
-
-    @classmethod
-    def from_wire(cls, names, shapes, dtypes, data: bytes) -> "WeightBucket":
-        flat = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return cls(list(names), [tuple(s) for s in shapes], list(dtypes), flat)
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def pack_buckets(named: Iterable[tuple[str, torch.Tensor]],
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[WeightBucket]:
-    """Group tensors (in order) into buckets of about `bucket_bytes`; a larger tensor gets its own."""
-    batch: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named:
-        nbytes = _aligned(tensor.numel() * tensor.element_size())
-        if batch and size + nbytes > bucket_bytes:
-            yield _pack(batch)
-            batch, size = [], 0
-        batch.append((name, tensor))
-        size += nbytes
-    if batch:
-        yield _pack(batch)
 
 
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def _pack(batch: list[tuple[str, torch.Tensor]]) -> WeightBucket:
-    sizes = [t.numel() * t.element_size() for _, t in batch]
-    flat = torch.zeros(sum(_aligned(n) for n in sizes), dtype=torch.uint8)
-    offset = 0
-    for (_, t), n in zip(batch, sizes):
-        flat[offset: offset + n] = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-        offset += _aligned(n)
-    return WeightBucket([n for n, _ in batch], [tuple(t.shape) for _, t in batch],
-                        [_dtype_name(t.dtype) for _, t in batch], flat)
+def _nbytes(shape: Sequence[int], dtype: str) -> int:
+    return torch.Size(shape).numel() * getattr(torch, dtype).itemsize
+
+
+@dataclass
+class BucketLayout:
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[str]  # torch dtype names, e.g. "float32"
+
+    @property
+    def offsets(self) -> list[int]:
+        out, offset = [], 0
+        for shape, dtype in zip(self.shapes, self.dtypes):
+            out.append(offset)
+            offset += _aligned(_nbytes(shape, dtype))
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(_aligned(_nbytes(s, d)) for s, d in zip(self.shapes, self.dtypes))
+
+    def to_wire(self) -> tuple[list[str], list[list[int]], list[str]]:
+        """Plain Python values: what any RPC layer (vLLM's msgpack included) carries unchanged."""
+        return list(self.names), [list(s) for s in self.shapes], list(self.dtypes)
+
+    @classmethod
+    def from_wire(cls, names, shapes, dtypes) -> "BucketLayout":
+        return cls(list(names), [tuple(s) for s in shapes], list(dtypes))
+
+
+def plan_buckets(specs: Iterable[tuple[str, Sequence[int], torch.dtype | str]],
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[BucketLayout]:
+    """Group (name, shape, dtype) in order into buckets of about `bucket_bytes`; a larger tensor
+    gets a bucket of its own."""
+    layouts: list[BucketLayout] = []
+    current, size = BucketLayout([], [], []), 0
+    for name, shape, dtype in specs:
+        dtype = dtype if isinstance(dtype, str) else _dtype_name(dtype)
+        nbytes = _aligned(_nbytes(shape, dtype))
+        if current.names and size + nbytes > bucket_bytes:
+            layouts.append(current)
+            current, size = BucketLayout([], [], []), 0
+        current.names.append(name)
+        current.shapes.append(tuple(shape))
+        current.dtypes.append(dtype)
+        size += nbytes
+    if current.names:
+        layouts.append(current)
+    return layouts
+
+
+def pack(layout: BucketLayout, tensors: Sequence[torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
+    """The layout's tensors, back to back, in one uint8 buffer on `device` (default: the first
+    tensor's). On a GPU the copies are device-to-device kernels, no host round trip."""
+    device = tensors[0].device if device is None else torch.device(device)
+    flat = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
+    for tensor, offset in zip(tensors, layout.offsets):
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        flat[offset: offset + raw.numel()].copy_(raw, non_blocking=True)
+    return flat
+
+
+def unpack(layout: BucketLayout, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Views into `flat`, one (name, tensor) per entry of the layout."""
+    out = []
+    for name, shape, dtype, offset in zip(layout.names, layout.shapes, layout.dtypes, layout.offsets):
+        out.append((name, flat[offset: offset + _nbytes(shape, dtype)].view(getattr(torch, dtype)).view(shape)))
+    return out
+
+
+@dataclass
+class WeightBucket:
+    layout: BucketLayout
+    flat: torch.Tensor  # uint8, the tensors' bytes back to back (CPU)
+
+    @property
+    def names(self) -> list[str]:
+        return self.layout.names
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.flat.numel())
+
+    def to_wire(self) -> tuple[list[str], list[list[int]], list[str], bytes]:
+        return (*self.layout.to_wire(), self.flat.cpu().numpy().tobytes())
+
+    @classmethod
+    def from_wire(cls, names, shapes, dtypes, data: bytes) -> "WeightBucket":
+        return cls(BucketLayout.from_wire(names, shapes, dtypes), torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+def pack_buckets(named: Iterable[tuple[str, torch.Tensor]],
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[WeightBucket]:
+    """Host-memory buckets of about `bucket_bytes` (the object-store transport)."""
+    named = list(named)
+    tensors = dict(named)
+    for layout in plan_buckets(((n, t.shape, t.dtype) for n, t in named), bucket_bytes):
+        yield WeightBucket(layout, pack(layout, [tensors[n] for n in layout.names], "cpu"))
 
 
 def unpack_bucket(bucket: WeightBucket, device: torch.device | str | None = None) -> list[tuple[str, torch.Tensor]]:
     """Views into the bucket's buffer (moved to `device` once), one per tensor."""
     flat = bucket.flat if device is None else bucket.flat.to(device, non_blocking=True)
-    out, offset = [], 0
-    for name, shape, dtype in zip(bucket.names, bucket.shapes, bucket.dtypes):
-        dt = getattr(torch, dtype)
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
-        out.append((name, flat[offset: offset + nbytes].view(dt).view(shape)))
-        offset += _aligned(nbytes)
-    return out
+    return unpack(bucket.layout, flat)

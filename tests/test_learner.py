@@ -3,29 +3,14 @@ policy consistency right after a weight sync, and a non-finite loss that skips t
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from rl_rows import PROMPTS, max_gap, rollout_rows
 
-from fourdthinker.grpo import build_train_rows, text_token_mask, vision_placeholder_ids
 from fourdthinker.grpo_config import GrpoConfig
-from fourdthinker.prompts import question_prompt
 from fourdthinker.tokens import LatentIds
-from fourdthinker.vllm_plugin.generate import GenerationRequest, SamplingConfig
 
 pytestmark = pytest.mark.slow
-
-
-def _clip(seed: int) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)) for _ in range(2)]
-
-
-PROMPTS = [(question_prompt("Which way does the camera pan?", {"A": "Left", "B": "Right"}), _clip(0)),
-           (question_prompt("Is the cube moving toward the camera?"), None)]
-FORCES = [[1, 9], [3]]  # every completion holds latent blocks
-SAMPLING = SamplingConfig(n=2, max_tokens=16, temperature=1.0, top_p=1.0, seed=5, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +36,6 @@ def cluster(tiny_model_dir):
     ray.shutdown()
 
 
-def _rollout_rows(ray, rollout, config, advantages=None):
-    requests = [GenerationRequest(text, frames=frames, force_latent_steps=f)
-                for (text, frames), f in zip(PROMPTS, FORCES)]
-    groups = ray.get(rollout.generate.remote(requests, SAMPLING))
-    n = sum(len(g) for g in groups)
-    adv = torch.tensor([1.0, -1.0] * (n // 2)) if advantages is None else advantages
-    return build_train_rows(groups, adv, config.text_config.hidden_size, config.text_config.pad_token_id,
-                            vision_placeholder_ids(config))
-
-
-def _text_masks(rows, ids):
-    return [text_token_mask(torch.tensor(c), torch.ones(len(c), dtype=torch.bool), ids) for c in rows.completions]
-
-
 def test_after_a_sync_learner_and_rollout_logprobs_agree_with_fed_latents_only(cluster, tiny_model_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -74,32 +45,28 @@ def test_after_a_sync_learner_and_rollout_logprobs_agree_with_fed_latents_only(c
     ray, group, rollout, config = cluster
     ids = LatentIds.from_config(config)
     before = group.parameter_checksums()
-    metrics = group.train_step(PROMPTS, _rollout_rows(ray, rollout, config))
+    metrics = group.train_step(PROMPTS, rollout_rows(ray, rollout, config))
     after = group.parameter_checksums()
     assert metrics["optimizer_steps"] == 1 and after[0] == after[1] != before[0]  # ZeRO-2: same full model
     assert metrics["logprob_gap/max"] < 1e-3  # step 0: both sides still hold the initial weights
     sync = group.broadcast_weights([rollout], version=1)
     assert sync["sync_bytes"] > 0 and ray.get(rollout.health.remote())["version"] == 1
 
-    rows = _rollout_rows(ray, rollout, config)
+    rows = rollout_rows(ray, rollout, config)
     assert all(lat.shape[0] >= ids.latent_size for lat in rows.latents)
-    learner = group.logprobs(PROMPTS, rows)
-    masks = _text_masks(rows, ids)
-    gap = max((lp - r)[m].abs().max().item() for lp, r, m in zip(learner, rows.rollout_logprobs, masks))
-    assert gap < 1e-3
+    assert max_gap(group.logprobs(PROMPTS, rows), rows, ids) < 1e-3
 
     # The rollout really runs the synced weights: the initial model scores the same tokens differently.
     initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, local_files_only=True).eval()
     inputs = prompt_batch(_processor(tiny_model_dir), [PROMPTS[i] for i in rows.prompt_index])
     with torch.no_grad():
         old = completion_logprobs(initial, inputs, rows.completions, rows.latents, ids)
-    assert max((o - r)[m].abs().max().item() for o, r, m in zip(old, rows.rollout_logprobs, masks)) > 1e-2
+    assert max_gap(old, rows, ids) > 1e-2
 
     # The reference learner's mistake, pad embeddings at the latent slots, fails the same check.
     pad = initial.get_input_embeddings().weight[ids.pad].detach()
     rows.latents = [pad.expand(lat.shape[0], -1).clone() for lat in rows.latents]
-    wrong = group.logprobs(PROMPTS, rows)
-    assert max((w - r)[m].abs().max().item() for w, r, m in zip(wrong, rows.rollout_logprobs, masks)) > 1e-2
+    assert max_gap(group.logprobs(PROMPTS, rows), rows, ids) > 1e-2
 
 
 def _processor(model_dir):
@@ -110,11 +77,11 @@ def _processor(model_dir):
 
 def test_a_nonfinite_loss_skips_the_step_and_leaves_the_weights(cluster):
     ray, group, rollout, config = cluster
-    rows = _rollout_rows(ray, rollout, config, advantages=torch.tensor([float("nan"), 1.0, -1.0, 0.5]))
+    rows = rollout_rows(ray, rollout, config, advantages=torch.tensor([float("nan"), 1.0, -1.0, 0.5]))
     before = group.parameter_checksums()
     metrics = group.train_step(PROMPTS, rows)
     assert metrics["skipped_steps"] == 1 and metrics["optimizer_steps"] == 0
     assert metrics["nonfinite_losses"] >= 1
     assert group.parameter_checksums() == before
     # and the next good step trains again
-    assert group.train_step(PROMPTS, _rollout_rows(ray, rollout, config))["optimizer_steps"] == 1
+    assert group.train_step(PROMPTS, rollout_rows(ray, rollout, config))["optimizer_steps"] == 1

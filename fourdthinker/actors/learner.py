@@ -5,7 +5,8 @@ the policy, its optimizer and a frozen reference copy, and scores completions wi
 vectors the rollout fed at the latent slots (`model.completion_logprobs`), so the policy it trains
 is the one that sampled. After an optimizer step, every rank takes part in `broadcast_weights`
 (ZeRO-3 gathers the shards) and rank 0 hands the full parameters to every rollout actor in one
-pass through a `WeightSync` strategy.
+pass through a `WeightSync` transport (fourdthinker/weight_sync.py: a NCCL/gloo broadcast group of
+its own by default, CUDA IPC when colocated on one GPU, or the Ray object store).
 
 `LearnerGroup` is the driver-side handle: it places the ranks, wires the process group, splits a
 step's rows evenly over the ranks and returns the all-reduced metrics.
@@ -16,11 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -28,7 +26,7 @@ from PIL import Image
 from fourdthinker.config import from_dict, to_dict
 from fourdthinker.grpo import TrainRows, grpo_loss, logprob_gap, pad_rows, text_token_mask
 from fourdthinker.grpo_config import GrpoConfig
-from fourdthinker.weights import pack_buckets
+from fourdthinker.weight_sync import WeightSync, free_port, make_weight_sync
 
 log = logging.getLogger(__name__)
 
@@ -40,52 +38,7 @@ DS_TAG = "state"
 Prompt = tuple[str, Sequence[Image.Image] | None]
 
 
-# -- weight sync strategies ------------------------------------------------------------------------
-@dataclass
-class SyncStats:
-    bytes: int
-    seconds: float
-    num_buckets: int
-
-
-class WeightSync(Protocol):
-    """How rank 0's full parameters reach the rollout engines.
-
-    CPU (and any cluster without a shared fabric): `ObjectStoreWeightSync`. A GPU deployment plugs
-    in vLLM's NCCL weight-transfer engine here (a group between rank 0 and the rollout workers,
-    `vllm.distributed.weight_transfer`) without touching the learner.
-    """
-
-    def push(self, named: Iterator[tuple[str, torch.Tensor]], rollouts: Sequence[Any], version: int) -> SyncStats:
-        ...
-
-
-class ObjectStoreWeightSync:
-    """Bucketed copies through the Ray object store: packed once, `ray.put` once, read by every
-    rollout actor (no per-tensor round trips, one object for all receivers)."""
-
-    def __init__(self, bucket_bytes: int):
-        self.bucket_bytes = bucket_bytes
-
-    def push(self, named, rollouts, version):
-        import ray
-
-        start = time.perf_counter()
-        buckets = list(pack_buckets(named, self.bucket_bytes))
-        ref = ray.put(buckets)
-        versions = ray.get([r.update_weights.remote(ref, version) for r in rollouts])
-        if any(v != version for v in versions):
-            raise RuntimeError(f"rollout actors report weight versions {versions}, expected {version}")
-        return SyncStats(sum(b.nbytes for b in buckets), time.perf_counter() - start, len(buckets))
-
-
 # -- one rank ---------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def deepspeed_config(cfg: GrpoConfig, world_size: int, grad_accum: int, bf16: bool, on_gpu: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": cfg.zero_stage, "contiguous_gradients": True, "overlap_comm": on_gpu}
     if cfg.zero_stage == 3:
@@ -116,7 +69,7 @@ class LearnerWorker:
     def master_address(self) -> tuple[str, int]:
         import ray
 
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port()
 
     # -- set-up ------------------------------------------------------------------------------------
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
@@ -160,7 +113,8 @@ class LearnerWorker:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, dist_init_required=False,
             config=deepspeed_config(cfg, self.world_size, self.grad_accum, self.bf16, on_gpu))
-        self.sync: WeightSync = ObjectStoreWeightSync(cfg.weight_bucket_mb * 1024 * 1024)
+        self.sync: WeightSync = make_weight_sync(cfg.weight_sync, cfg.weight_bucket_mb * 1024 * 1024, self.device,
+                                                 colocated=cfg.colocate)
         return {"rank": self.rank, "device": str(self.device), "grad_accum": self.grad_accum,
                 "trainable_params": sum(p.numel() for p in params)}
 
@@ -303,6 +257,14 @@ class LearnerWorker:
         stats = self.sync.push(named, list(rollouts), version)
         return {"sync_bytes": float(stats.bytes), "sync_s": stats.seconds, "sync_buckets": float(stats.num_buckets)}
 
+    def probe_weight_sync(self, rollouts: Sequence[Any], nbytes: int) -> float:
+        """Seconds for a plain broadcast of `nbytes` over the weight group (rank 0; collective only)."""
+        from fourdthinker.weight_sync import CollectiveWeightSync
+
+        if not isinstance(self.sync, CollectiveWeightSync):
+            raise RuntimeError(f"weight_sync={self.cfg.weight_sync} has no broadcast group to probe")
+        return self.sync.probe(list(rollouts), nbytes) if self.rank == 0 else 0.0
+
     def parameter_checksum(self) -> float:
         """float64 sum of this rank's parameters (ZeRO-2: the full model on every rank)."""
         return float(sum(p.detach().double().sum() for p in self.engine.module.parameters()))
@@ -383,6 +345,11 @@ class LearnerGroup:
 
     def broadcast_weights(self, rollouts: Sequence[Any], version: int) -> dict[str, float]:
         return self._call("broadcast_weights", list(rollouts), version)[0]
+
+    def probe_weight_sync(self, rollouts: Sequence[Any], nbytes: int) -> float:
+        import ray
+
+        return ray.get(self.workers[0].probe_weight_sync.remote(list(rollouts), nbytes))
 
     def save_checkpoint(self, path: str | Path) -> None:
         self._call("save_checkpoint", str(path))

@@ -25,6 +25,7 @@ class RolloutWorker:
             raise ValueError("RolloutWorker needs a model_dir (or an existing generator)")
         self.generator = generator or LatentGenerator.from_model_dir(model_dir, **kwargs)
         self.version = 0
+        self.weight_token: str | None = None  # the weight group this engine's workers joined
         self.asleep = False
         self.started = time.time()
         self.generated_tokens = 0
@@ -36,19 +37,54 @@ class RolloutWorker:
         self.generated_tokens += sum(len(c.token_ids) for group in out for c in group)
         return out
 
-    def update_weights(self, buckets: Sequence[WeightBucket], version: int) -> int:
-        """Load a new weight version (all buckets of it), then drop the now-stale prefix cache."""
+    # -- weights (see fourdthinker/weight_sync.py for the sender side) ----------------------------
+    def begin_weight_update(self) -> None:
+        self.generator.llm.collective_rpc("bucket_update_begin")
+
+    def finish_weight_update(self, version: int) -> int:
+        """Close the update, then drop what belongs to the old weights: cached KV blocks (and so
+        the latent vectors they imply) and cached vision-encoder outputs of recurring videos."""
         llm = self.generator.llm
-        llm.collective_rpc("bucket_update_begin")
-        for bucket in buckets:
-            llm.collective_rpc("load_weight_bucket", args=bucket.to_wire())
         llm.collective_rpc("bucket_update_end")
-        # Cached KV blocks (and so the latent vectors they imply) and cached vision-encoder
-        # outputs of recurring videos belong to the old weights.
         llm.reset_prefix_cache()
         llm.llm_engine.reset_encoder_cache()
         self.version = int(version)
         return self.version
+
+    def update_weights(self, buckets: Sequence[WeightBucket], version: int) -> int:
+        """Load a new weight version from host-memory buckets (`ObjectStoreWeightSync`)."""
+        self.begin_weight_update()
+        for bucket in buckets:
+            self.generator.llm.collective_rpc("load_weight_bucket", args=bucket.to_wire())
+        return self.finish_weight_update(version)
+
+    def load_bucket_ipc(self, layout, handle: bytes) -> int:
+        """One bucket from a learner on the same GPU (`CudaIpcWeightSync`)."""
+        return self.generator.llm.collective_rpc("load_weight_bucket_ipc", args=(layout, handle))[0]
+
+    def num_weight_receivers(self) -> int:
+        """vLLM workers of this engine: each joins the weight group (tensor parallel shards load
+        their part of every full tensor)."""
+        return self.generator.llm.llm_engine.vllm_config.parallel_config.world_size
+
+    def join_weight_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                          token: str) -> list[int]:
+        ranks = self.generator.llm.collective_rpc(
+            "weight_group_join", args=(host, port, rank_offset, world_size, backend))
+        self.weight_token = token
+        return ranks
+
+    def weight_group_token(self) -> str | None:
+        return self.weight_token
+
+    def receive_weights(self, layouts: list, version: int) -> int:
+        """Every bucket of one sync, broadcast by learner rank 0 (`CollectiveWeightSync`)."""
+        self.begin_weight_update()
+        self.generator.llm.collective_rpc("weight_group_receive", args=(layouts,))
+        return self.finish_weight_update(version)
+
+    def probe_weight_group(self, sizes: list[int]) -> int:
+        return self.generator.llm.collective_rpc("weight_group_probe", args=(sizes,))[0]
 
     def weights_checksums(self) -> dict[str, float]:
         return self.generator.llm.collective_rpc("weights_checksums")[0]

@@ -78,10 +78,53 @@ class LatentWorkerExtension:
         from fourdthinker.weights import WeightBucket, unpack_bucket
 
         model = self.model_runner.get_model()
-        bucket = WeightBucket.from_wire(names, shapes, dtypes, data)
-        tensors = unpack_bucket(bucket, self.model_runner.device)
+        tensors = unpack_bucket(WeightBucket.from_wire(names, shapes, dtypes, data), self.model_runner.device)
         model.load_weights(tensors)
         return len(tensors)
+
+    def load_weight_bucket_ipc(self, layout, handle: bytes) -> int:
+        """Load one bucket that lives in another process's GPU memory (`CudaIpcWeightSync`)."""
+        from fourdthinker.weight_sync import open_ipc_bucket
+        from fourdthinker.weights import BucketLayout, unpack
+
+        flat = open_ipc_bucket(handle, self.model_runner.device)
+        self.model_runner.get_model().load_weights(unpack(BucketLayout.from_wire(*layout), flat))
+        torch.cuda.synchronize(self.model_runner.device)  # copied out before the sender frees it
+        return flat.numel()
+
+    # -- weights over a broadcast group of their own (`CollectiveWeightSync`) ---------------------
+    def weight_group_join(self, host: str, port: int, rank_offset: int, world_size: int, backend: str) -> int:
+        from fourdthinker.weight_sync import open_group
+
+        self._weight_group = None  # a group from before a restart of the learner side is gone
+        rank = rank_offset + self.rank
+        self._weight_group = open_group(host, port, rank, world_size, backend)
+        return rank
+
+    def weight_group_receive(self, layouts) -> int:
+        """Receive every bucket of one sync (call between bucket_update_begin and _end)."""
+        from fourdthinker.weight_sync import receive_buckets
+        from fourdthinker.weights import BucketLayout
+
+        return receive_buckets(self._joined_group(), [BucketLayout.from_wire(*w) for w in layouts],
+                               self.model_runner.device, self.model_runner.get_model().load_weights)
+
+    def weight_group_probe(self, sizes: list[int]) -> int:
+        """Receive plain buffers of these sizes and drop them: the bandwidth probe's far end."""
+        from fourdthinker.weight_sync import broadcast
+
+        group, device = self._joined_group(), self.model_runner.device
+        for size in sizes:
+            broadcast(group, torch.empty(size, dtype=torch.uint8, device=device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return sum(sizes)
+
+    def _joined_group(self):
+        group = getattr(self, "_weight_group", None)
+        if group is None:
+            raise RuntimeError("this worker has not joined a weight group: call weight_group_join first")
+        return group
 
     def bucket_update_end(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload

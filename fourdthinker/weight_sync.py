@@ -1,0 +1,233 @@
+"""How learner rank 0's full parameters reach every rollout engine after an optimizer step.
+
+Three transports behind one `push(named, rollouts, version) -> SyncStats`:
+
+- `CollectiveWeightSync` (default): a broadcast group of its own between learner rank 0 and every
+  vLLM worker of every rollout actor: NCCL on GPU, gloo on CPU. It is built with vLLM's stateless
+  process-group helper, so it lives beside (not inside) the learner's DeepSpeed world and the
+  engines' own groups. The bucket layouts travel through Ray (a few KB); the bytes go through the
+  group, bucket by bucket, straight into a buffer the receiving worker allocated on its device.
+- `CudaIpcWeightSync`: learner and engine share one GPU (colocated mode), where NCCL refuses two
+  ranks on one device. Rank 0 packs a bucket on the GPU and hands the engine a CUDA IPC handle to
+  it; the engine's worker copies from that memory directly: device-to-device, no host hop.
+- `ObjectStoreWeightSync`: buckets packed in host memory, one `ray.put`, read by every actor.
+  Needs nothing but Ray: the fallback for rollouts no group can reach.
+
+Every receiver loads through vLLM's layerwise reload (`LatentWorkerExtension.bucket_update_*`),
+so kernels that repack weights after loading see checkpoint-format tensors. A restarted rollout
+actor has lost its group membership; `CollectiveWeightSync` notices (each actor reports the token
+of the group it joined) and forms a new group before it sends.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal, Protocol, Sequence
+
+import torch
+
+from fourdthinker.weights import BucketLayout, pack, pack_buckets, plan_buckets
+
+TransportName = Literal["auto", "collective", "cuda_ipc", "object_store"]
+TRANSPORTS = ("auto", "collective", "cuda_ipc", "object_store")
+
+
+@dataclass
+class SyncStats:
+    bytes: int
+    seconds: float
+    num_buckets: int
+
+
+class WeightSync(Protocol):
+    def push(self, named: Iterable[tuple[str, torch.Tensor]], rollouts: Sequence[Any], version: int) -> SyncStats:
+        ...
+
+
+def _check_versions(versions: Sequence[int], version: int) -> None:
+    if any(v != version for v in versions):
+        raise RuntimeError(f"rollout actors report weight versions {list(versions)}, expected {version}")
+
+
+# -- process groups of their own ---------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def open_group(host: str, port: int, rank: int, world_size: int, backend: str):
+    """A torch ProcessGroup outside the global torch.distributed state (vLLM's stateless helper),
+    so a process that already belongs to a DeepSpeed world or a vLLM engine can join it too."""
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group
+
+    return stateless_init_torch_distributed_process_group(host, port, rank, world_size, backend)
+
+
+def broadcast(group, tensor: torch.Tensor, src: int = 0) -> None:
+    """Broadcast on a stateless group. `torch.distributed.broadcast` maps `src` through the global
+    ranks, which such a group has none of, so call the ProcessGroup itself."""
+    opts = torch.distributed.BroadcastOptions()
+    opts.rootRank = src
+    opts.rootTensor = 0
+    group.broadcast([tensor], opts).wait()
+
+
+def receive_buckets(group, layouts: Sequence[BucketLayout], device: torch.device, load) -> int:
+    """Receiver side of `CollectiveWeightSync`: per layout, a buffer on `device`, the broadcast into
+    it, and `load(named_tensors)` on views of it. Returns the bytes received."""
+    from fourdthinker.weights import unpack
+
+    total = 0
+    for layout in layouts:
+        flat = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
+        broadcast(group, flat)
+        load(unpack(layout, flat))
+        total += flat.numel()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return total
+
+
+# -- the transports ----------------------------------------------------------------------------------
+class ObjectStoreWeightSync:
+    """Bucketed copies through the Ray object store: packed once, `ray.put` once, read by every
+    rollout actor (no per-tensor round trips, one object for all receivers)."""
+
+    def __init__(self, bucket_bytes: int):
+        self.bucket_bytes = bucket_bytes
+
+    def push(self, named, rollouts, version):
+        import ray
+
+        start = time.perf_counter()
+        buckets = list(pack_buckets(named, self.bucket_bytes))
+        ref = ray.put(buckets)
+        _check_versions(ray.get([r.update_weights.remote(ref, version) for r in rollouts]), version)
+        return SyncStats(sum(b.nbytes for b in buckets), time.perf_counter() - start, len(buckets))
+
+
+class CollectiveWeightSync:
+    """Broadcast from learner rank 0 to every rollout worker over a group of their own."""
+
+    def __init__(self, bucket_bytes: int, device: torch.device):
+        self.bucket_bytes = bucket_bytes
+        self.device = torch.device(device)
+        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        self.group = None
+        self.token: str | None = None
+        self.members: tuple = ()
+
+    def _ensure_group(self, rollouts: Sequence[Any]) -> None:
+        """(Re)form the group when the receivers changed or one of them lost it (a restart)."""
+        import ray
+
+        members = tuple(r._actor_id.hex() for r in rollouts)
+        tokens = ray.get([r.weight_group_token.remote() for r in rollouts])
+        if self.group is not None and members == self.members and all(t == self.token for t in tokens):
+            return
+        self.group = None
+        token = uuid.uuid4().hex
+        receivers = ray.get([r.num_weight_receivers.remote() for r in rollouts])
+        offsets = [1 + sum(receivers[:i]) for i in range(len(rollouts))]
+        world_size = 1 + sum(receivers)
+        host, port = ray.util.get_node_ip_address(), free_port()
+        joined = [r.join_weight_group.remote(host, port, offset, world_size, self.backend, token)
+                  for r, offset in zip(rollouts, offsets)]
+        self.group = open_group(host, port, 0, world_size, self.backend)
+        ray.get(joined)
+        self.token, self.members = token, members
+
+    def push(self, named, rollouts, version):
+        import ray
+
+        start = time.perf_counter()
+        named = list(named)
+        tensors = dict(named)
+        layouts = plan_buckets(((n, t.shape, t.dtype) for n, t in named), self.bucket_bytes)
+        self._ensure_group(rollouts)
+        received = [r.receive_weights.remote([layout.to_wire() for layout in layouts], version) for r in rollouts]
+        nbytes = 0
+        for layout in layouts:
+            flat = pack(layout, [tensors[n] for n in layout.names], self.device)
+            broadcast(self.group, flat)
+            nbytes += flat.numel()
+        _check_versions(ray.get(received), version)
+        return SyncStats(nbytes, time.perf_counter() - start, len(layouts))
+
+    def probe(self, rollouts: Sequence[Any], nbytes: int, bucket_bytes: int | None = None) -> float:
+        """Seconds for a plain broadcast of `nbytes` (in buckets of `bucket_bytes`) over the same
+        group, nothing packed or loaded: the interconnect's own figure, to compare a sync with."""
+        import ray
+
+        self._ensure_group(rollouts)
+        size = bucket_bytes or self.bucket_bytes
+        sizes = [min(size, nbytes - o) for o in range(0, nbytes, size)]
+        buffers = [torch.empty(s, dtype=torch.uint8, device=self.device) for s in sizes]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        received = [r.probe_weight_group.remote(sizes) for r in rollouts]
+        for buf in buffers:
+            broadcast(self.group, buf)
+        ray.get(received)
+        return time.perf_counter() - start
+
+
+class CudaIpcWeightSync:
+    """Same-GPU transport: each bucket is packed on the GPU once and mapped by every engine's worker
+    through a CUDA IPC handle. One bucket is in flight at a time, so the extra memory is one bucket."""
+
+    def __init__(self, bucket_bytes: int, device: torch.device):
+        if torch.device(device).type != "cuda":
+            raise ValueError("weight_sync=cuda_ipc needs the learner on a GPU")
+        self.bucket_bytes = bucket_bytes
+        self.device = torch.device(device)
+
+    def push(self, named, rollouts, version):
+        import ray
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        start = time.perf_counter()
+        named = list(named)
+        tensors = dict(named)
+        layouts = plan_buckets(((n, t.shape, t.dtype) for n, t in named), self.bucket_bytes)
+        ray.get([r.begin_weight_update.remote() for r in rollouts])
+        nbytes = 0
+        for layout in layouts:
+            flat = pack(layout, [tensors[n] for n in layout.names], self.device)
+            torch.cuda.synchronize(self.device)  # the bytes are there before another process reads them
+            _, args = reduce_tensor(flat)
+            handle = pickle.dumps(args)
+            ray.get([r.load_bucket_ipc.remote(layout.to_wire(), handle) for r in rollouts])
+            nbytes += flat.numel()
+            del flat  # the receivers have copied out of it
+        _check_versions(ray.get([r.finish_weight_update.remote(version) for r in rollouts]), version)
+        return SyncStats(nbytes, time.perf_counter() - start, len(layouts))
+
+
+def open_ipc_bucket(handle: bytes, device: torch.device) -> torch.Tensor:
+    """Receiver side of `CudaIpcWeightSync`: the sender's bucket buffer, mapped on this process's
+    view of the same GPU (device indices differ between processes, the memory does not)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    args = list(pickle.loads(handle))
+    args[6] = device.index if device.index is not None else torch.cuda.current_device()
+    return rebuild_cuda_tensor(*args)
+
+
+def make_weight_sync(name: TransportName, bucket_bytes: int, device: torch.device, colocated: bool) -> WeightSync:
+    """`auto`: CUDA IPC for a learner sharing its GPU with the engines, else the collective group."""
+    if name == "auto":
+        name = "cuda_ipc" if colocated and torch.device(device).type == "cuda" else "collective"
+    if name == "collective":
+        return CollectiveWeightSync(bucket_bytes, device)
+    if name == "cuda_ipc":
+        return CudaIpcWeightSync(bucket_bytes, device)
+    if name == "object_store":
+        return ObjectStoreWeightSync(bucket_bytes)
+    raise ValueError(f"weight_sync: one of {TRANSPORTS}, got {name!r}")

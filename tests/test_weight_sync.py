@@ -1,0 +1,126 @@
+"""Learner -> rollout weight transports on CPU: the collective group (gloo here, NCCL on GPU) and the
+object store land the same weights in every engine, and a restarted engine gets a new group."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rl_rows import PROMPTS, max_gap, rollout_rows
+
+from fourdthinker.config import ConfigError
+from fourdthinker.grpo_config import GrpoConfig
+from fourdthinker.tokens import LatentIds
+from fourdthinker.weights import pack_buckets, plan_buckets
+
+
+def test_transport_names_are_checked_at_load_time():
+    base = dict(model_dir="m", train_jsonl="t", prompts_per_step=1, num_generations=2)
+    with pytest.raises(ConfigError, match="weight_sync: one of auto, collective"):
+        GrpoConfig(**base, weight_sync="nccl2").validate()
+    with pytest.raises(ConfigError, match="weight_sync: cuda_ipc needs colocate"):
+        GrpoConfig(**base, weight_sync="cuda_ipc").validate()
+    GrpoConfig(**base, weight_sync="cuda_ipc", colocate=True).validate()
+
+
+def test_auto_picks_ipc_only_for_a_learner_sharing_its_gpu():
+    from fourdthinker.weight_sync import CollectiveWeightSync, ObjectStoreWeightSync, make_weight_sync
+
+    assert isinstance(make_weight_sync("auto", 1 << 20, torch.device("cpu"), colocated=True), CollectiveWeightSync)
+    assert isinstance(make_weight_sync("auto", 1 << 20, torch.device("cpu"), colocated=False), CollectiveWeightSync)
+    assert isinstance(make_weight_sync("object_store", 1 << 20, torch.device("cpu"), False), ObjectStoreWeightSync)
+    with pytest.raises(ValueError, match="cuda_ipc needs the learner on a GPU"):
+        make_weight_sync("cuda_ipc", 1 << 20, torch.device("cpu"), colocated=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    import ray
+    from transformers import AutoConfig
+
+    from fourdthinker.actors.learner import LearnerGroup
+    from fourdthinker.actors.rollout import rollout_actor_class
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}})
+    cfg = GrpoConfig(model_dir=str(tiny_model_dir), train_jsonl="-", prompts_per_step=2, num_generations=2,
+                     num_learners=1, micro_batch_size=1, learner_gpus=0, learner_cpus=0.25, beta=0.0,
+                     gradient_checkpointing=False, bf16=False, weight_bucket_mb=1, weight_sync="collective")
+    cfg.validate()
+    rollouts = [rollout_actor_class(num_gpus=0, num_cpus=0.25).remote(
+        str(tiny_model_dir), {"max_model_len": 1024, "max_num_seqs": 8}) for _ in range(2)]
+    group = LearnerGroup(cfg)
+    yield ray, group, rollouts, AutoConfig.from_pretrained(tiny_model_dir, local_files_only=True)
+    group.shutdown()
+    ray.shutdown()
+
+
+def _perturb(ray, rollout, model_dir, seed: int) -> None:
+    """Give an engine weights the learner does not have (through the object-store path)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
+    g = torch.Generator().manual_seed(seed)
+    noisy = [(n, p.detach() + 0.05 * torch.randn(p.shape, generator=g)) for n, p in model.named_parameters()]
+    ray.get(rollout.update_weights.remote(list(pack_buckets(noisy)), -1))
+
+
+def _restarted(ray, actor, uptime_before: float, timeout_s: float = 300) -> bool:
+    """Wait for Ray to bring a killed actor back (a fresh process: its uptime starts over)."""
+    import time
+
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(actor.health.remote())["uptime_s"] < uptime_before:
+                return True
+        except RayActorError:
+            pass
+        time.sleep(1)
+    return False
+
+
+def _gaps(ray, group, rollouts, config) -> list[float]:
+    ids = LatentIds.from_config(config)
+    gaps = []
+    for rollout in rollouts:
+        rows = rollout_rows(ray, rollout, config)
+        gaps.append(max_gap(group.logprobs(PROMPTS, rows), rows, ids))
+    return gaps
+
+
+@pytest.mark.slow
+def test_collective_sync_lands_the_learner_weights_in_every_engine_and_survives_a_restart(cluster, tiny_model_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    ray, group, rollouts, config = cluster
+    for k, rollout in enumerate(rollouts):
+        _perturb(ray, rollout, tiny_model_dir, seed=k)
+    assert min(_gaps(ray, group, rollouts, config)) > 1e-2  # the engines hold other weights now
+
+    sync = group.broadcast_weights(rollouts, version=1)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, local_files_only=True)
+    trainable = [(n, p) for n, p in model.named_parameters() if "visual" not in n]
+    assert sync["sync_bytes"] == sum(layout.total_bytes for layout in
+                                     plan_buckets(((n, p.shape, p.dtype) for n, p in model.named_parameters()), 1 << 20))
+    assert sync["sync_buckets"] > 1 and len(trainable) < len(list(model.named_parameters()))
+    assert max(_gaps(ray, group, rollouts, config)) < 1e-3
+    first_tokens = ray.get([r.weight_group_token.remote() for r in rollouts])
+    assert first_tokens[0] == first_tokens[1] is not None
+    assert ray.get([r.health.remote() for r in rollouts])[1]["version"] == 1
+
+    # A restarted engine lost its group and its weights: the next sync forms a new group for all.
+    uptime = ray.get(rollouts[1].health.remote())["uptime_s"]
+    ray.kill(rollouts[1], no_restart=False)
+    assert _restarted(ray, rollouts[1], uptime)
+    assert ray.get(rollouts[1].weight_group_token.remote()) is None
+    _perturb(ray, rollouts[1], tiny_model_dir, seed=7)
+    group.broadcast_weights(rollouts, version=2)
+    tokens = ray.get([r.weight_group_token.remote() for r in rollouts])
+    assert tokens[0] == tokens[1] != first_tokens[0]
+    assert max(_gaps(ray, group, rollouts, config)) < 1e-3
+    assert [h["version"] for h in ray.get([r.health.remote() for r in rollouts])] == [2, 2]
+
+    # The plain broadcast over the same group (the interconnect's own figure) runs too.
+    assert group.probe_weight_sync(rollouts, 3 << 20) > 0
