@@ -41,6 +41,9 @@ class SyncStats:
     bytes: int
     seconds: float
     num_buckets: int
+    # the slowest receiver's split: buckets in (transfer + load) and the close (reload end, caches)
+    receiver_load_s: float = float("nan")
+    receiver_finish_s: float = float("nan")
 
 
 class WeightSync(Protocol):
@@ -48,9 +51,13 @@ class WeightSync(Protocol):
         ...
 
 
-def _check_versions(versions: Sequence[int], version: int) -> None:
+def _stats(receipts: Sequence[dict], version: int, nbytes: int, start: float, num_buckets: int) -> SyncStats:
+    """Check every rollout took `version`; the sync's figures with the slowest receiver's split."""
+    versions = [r["version"] for r in receipts]
     if any(v != version for v in versions):
-        raise RuntimeError(f"rollout actors report weight versions {list(versions)}, expected {version}")
+        raise RuntimeError(f"rollout actors report weight versions {versions}, expected {version}")
+    return SyncStats(nbytes, time.perf_counter() - start, num_buckets,
+                     max(r["load_s"] for r in receipts), max(r["finish_s"] for r in receipts))
 
 
 # -- process groups of their own ---------------------------------------------------------------------
@@ -107,8 +114,8 @@ class ObjectStoreWeightSync:
         start = time.perf_counter()
         buckets = list(pack_buckets(named, self.bucket_bytes))
         ref = ray.put(buckets)
-        _check_versions(ray.get([r.update_weights.remote(ref, version) for r in rollouts]), version)
-        return SyncStats(sum(b.nbytes for b in buckets), time.perf_counter() - start, len(buckets))
+        receipts = ray.get([r.update_weights.remote(ref, version) for r in rollouts])
+        return _stats(receipts, version, sum(b.nbytes for b in buckets), start, len(buckets))
 
 
 class CollectiveWeightSync:
@@ -156,8 +163,7 @@ class CollectiveWeightSync:
             flat = pack(layout, [tensors[n] for n in layout.names], self.device)
             broadcast(self.group, flat)
             nbytes += flat.numel()
-        _check_versions(ray.get(received), version)
-        return SyncStats(nbytes, time.perf_counter() - start, len(layouts))
+        return _stats(ray.get(received), version, nbytes, start, len(layouts))
 
     def probe(self, rollouts: Sequence[Any], nbytes: int, bucket_bytes: int | None = None) -> float:
         """Seconds for a plain broadcast of `nbytes` (in buckets of `bucket_bytes`) over the same
@@ -196,7 +202,7 @@ class CudaIpcWeightSync:
         named = list(named)
         tensors = dict(named)
         layouts = plan_buckets(((n, t.shape, t.dtype) for n, t in named), self.bucket_bytes)
-        ray.get([r.begin_weight_update.remote() for r in rollouts])
+        ray.get([r.begin_weight_update.remote(list(tensors)) for r in rollouts])
         nbytes = 0
         for layout in layouts:
             flat = pack(layout, [tensors[n] for n in layout.names], self.device)
@@ -206,8 +212,9 @@ class CudaIpcWeightSync:
             ray.get([r.load_bucket_ipc.remote(layout.to_wire(), handle) for r in rollouts])
             nbytes += flat.numel()
             del flat  # the receivers have copied out of it
-        _check_versions(ray.get([r.finish_weight_update.remote(version) for r in rollouts]), version)
-        return SyncStats(nbytes, time.perf_counter() - start, len(layouts))
+        receipts = ray.get([r.finish_weight_update.remote(version) for r in rollouts])
+        torch.cuda.ipc_collect()  # give back the blocks other processes mapped
+        return _stats(receipts, version, nbytes, start, len(layouts))
 
 
 def open_ipc_bucket(handle: bytes, device: torch.device) -> torch.Tensor:

@@ -48,7 +48,7 @@ def test_actor_generates_with_latents_takes_new_weights_and_reports_its_version(
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, local_files_only=True)
     g = torch.Generator().manual_seed(3)
     perturbed = [(n, p.detach() + 0.05 * torch.randn(p.shape, generator=g)) for n, p in model.named_parameters()]
-    assert ray.get(actor.update_weights.remote(list(pack_buckets(perturbed)), 1)) == 1
+    assert ray.get(actor.update_weights.remote(list(pack_buckets(perturbed)), 1))["version"] == 1
     after = ray.get(actor.generate.remote(requests, sampling))
     assert after[1][0].token_ids != first[1][0].token_ids
     health = ray.get(actor.health.remote())

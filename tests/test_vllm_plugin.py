@@ -189,7 +189,7 @@ def test_update_weights_changes_outputs_exactly_as_the_new_weights_do(hf, genera
     worker = RolloutWorker(generator=generator)  # the actor's logic around the module's engine
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     try:
-        assert worker.update_weights(list(pack_buckets(perturbed.items(), bucket_bytes=1 << 20)), version=7) == 7
+        assert worker.update_weights(list(pack_buckets(perturbed.items(), bucket_bytes=1 << 20)), version=7)["version"] == 7
         assert worker.health()["version"] == 7
         got = _vllm(generator, requests)
         model.load_state_dict(perturbed, strict=False)

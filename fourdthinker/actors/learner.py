@@ -218,10 +218,11 @@ class LearnerWorker:
 
     # -- weights -----------------------------------------------------------------------------------
     def _full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Full named parameters; under ZeRO-3 gathered chunk by chunk (a collective: every rank
-        iterates, only rank 0 receives tensors)."""
+        """Full named trainable parameters; under ZeRO-3 gathered chunk by chunk (a collective: every
+        rank iterates, only rank 0 receives tensors). Frozen ones (the vision tower by default) are
+        left out: the engines loaded them from the same checkpoint and they never change."""
         module = self.engine.module
-        named = list(module.named_parameters())
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if self.cfg.zero_stage != 3:
             if self.rank == 0:
                 yield from ((n, p.detach()) for n, p in named)
@@ -255,7 +256,8 @@ class LearnerWorker:
                 pass
             return {}
         stats = self.sync.push(named, list(rollouts), version)
-        return {"sync_bytes": float(stats.bytes), "sync_s": stats.seconds, "sync_buckets": float(stats.num_buckets)}
+        return {"sync_bytes": float(stats.bytes), "sync_s": stats.seconds, "sync_buckets": float(stats.num_buckets),
+                "sync_receiver_load_s": stats.receiver_load_s, "sync_receiver_finish_s": stats.receiver_finish_s}
 
     def probe_weight_sync(self, rollouts: Sequence[Any], nbytes: int) -> float:
         """Seconds for a plain broadcast of `nbytes` over the weight group (rank 0; collective only)."""

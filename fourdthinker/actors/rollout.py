@@ -38,22 +38,27 @@ class RolloutWorker:
         return out
 
     # -- weights (see fourdthinker/weight_sync.py for the sender side) ----------------------------
-    def begin_weight_update(self) -> None:
-        self.generator.llm.collective_rpc("bucket_update_begin")
+    def begin_weight_update(self, names: Sequence[str] | None = None) -> None:
+        """Open an update of the parameters `names` (HF names; None: all of them)."""
+        self._update_started = time.perf_counter()
+        self.generator.llm.collective_rpc("bucket_update_begin", args=(list(names) if names is not None else None,))
 
-    def finish_weight_update(self, version: int) -> int:
+    def finish_weight_update(self, version: int) -> dict[str, float]:
         """Close the update, then drop what belongs to the old weights: cached KV blocks (and so
-        the latent vectors they imply) and cached vision-encoder outputs of recurring videos."""
+        the latent vectors they imply) and cached vision-encoder outputs of recurring videos.
+        Returns the new version and where the time went (to see a slow sync's cause)."""
         llm = self.generator.llm
+        loaded = time.perf_counter()
         llm.collective_rpc("bucket_update_end")
         llm.reset_prefix_cache()
         llm.llm_engine.reset_encoder_cache()
         self.version = int(version)
-        return self.version
+        done = time.perf_counter()
+        return {"version": self.version, "load_s": loaded - self._update_started, "finish_s": done - loaded}
 
-    def update_weights(self, buckets: Sequence[WeightBucket], version: int) -> int:
+    def update_weights(self, buckets: Sequence[WeightBucket], version: int) -> dict[str, float]:
         """Load a new weight version from host-memory buckets (`ObjectStoreWeightSync`)."""
-        self.begin_weight_update()
+        self.begin_weight_update([n for b in buckets for n in b.names])
         for bucket in buckets:
             self.generator.llm.collective_rpc("load_weight_bucket", args=bucket.to_wire())
         return self.finish_weight_update(version)
@@ -77,9 +82,9 @@ class RolloutWorker:
     def weight_group_token(self) -> str | None:
         return self.weight_token
 
-    def receive_weights(self, layouts: list, version: int) -> int:
+    def receive_weights(self, layouts: list, version: int) -> dict[str, float]:
         """Every bucket of one sync, broadcast by learner rank 0 (`CollectiveWeightSync`)."""
-        self.begin_weight_update()
+        self.begin_weight_update([n for names, _, _ in layouts for n in names])
         self.generator.llm.collective_rpc("weight_group_receive", args=(layouts,))
         return self.finish_weight_update(version)
 

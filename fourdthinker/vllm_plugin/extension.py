@@ -68,10 +68,25 @@ class LatentWorkerExtension:
     # Kernels may repack weights after loading (the CPU backend does), so a plain load_weights on a
     # running model can miss; vLLM's layerwise reload restores the checkpoint layout first and
     # re-processes each layer once its weights are in, as its own NCCL weight-transfer engine does.
-    def bucket_update_begin(self) -> None:
+    def bucket_update_begin(self, names: list[str] | None = None) -> None:
+        """Start a reload of the sub-models that own `names` (checkpoint names; None: the whole
+        model). A frozen vision tower is never sent, and so never torn down and rebuilt either."""
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        initialize_layerwise_reload(self.model_runner.get_model())
+        self._reloading = self._modules_owning(names)
+        for module in self._reloading:
+            initialize_layerwise_reload(module)
+
+    def _modules_owning(self, names: list[str] | None) -> list[torch.nn.Module]:
+        model = self.model_runner.get_model()
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        if names is None or mapper is None:
+            return [model]
+        roots = sorted({name.split(".", 1)[0] for name in mapper.apply_list(list(names))})
+        children = dict(model.named_children())
+        if not roots or any(root not in children for root in roots):
+            return [model]
+        return [children[root] for root in roots]
 
     def load_weight_bucket(self, names, shapes, dtypes, data: bytes) -> int:
         """Load one `WeightBucket` (in its wire form): one buffer copy, then the model's own loader."""
@@ -129,7 +144,9 @@ class LatentWorkerExtension:
     def bucket_update_end(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(self.model_runner.get_model(), self.model_runner.vllm_config.model_config)
+        for module in getattr(self, "_reloading", None) or [self.model_runner.get_model()]:
+            finalize_layerwise_reload(module, self.model_runner.vllm_config.model_config)
+        self._reloading = None
 
     def weights_checksums(self) -> dict[str, float]:
         """float64 sum per parameter (vLLM names): to check a sync landed everywhere."""
