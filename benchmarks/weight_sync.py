@@ -137,16 +137,20 @@ def main() -> int:
               "parameters": params, "bytes": nbytes, "buckets": int(runs[0]["sync_buckets"]),
               "bucket_mb": args.bucket_mb, "rollouts": args.rollouts, "first_sync_s": first["sync_s"],
               "seconds": seconds, "median_s": median, "bytes_per_s": nbytes / median,
+              # the slowest receiver: buckets in (transfer + layerwise load), then reload end + cache resets
+              "receiver_load_s": statistics.median(r["sync_receiver_load_s"] for r in runs),
+              "receiver_finish_s": statistics.median(r["sync_receiver_finish_s"] for r in runs),
               "plain_broadcast_s": probe, "plain_broadcast_bytes_per_s": nbytes / probe if probe else None,
               "share_of_plain_broadcast": probe / median if probe else None,
               "logprob_gap_stale": gap_stale, "logprob_gap_synced": gap_synced}
     print(f"\nweight sync on {device} ({backend}{', colocated' if args.colocate else ''}): "
           f"{params / 1e6:.1f}M parameters, {nbytes / 2**30:.2f} GiB, {result['buckets']} buckets "
           f"-> {args.rollouts} rollout actor(s)")
-    print(f"{'median s':>9} {'first s':>8} {'GB/s':>7} {'plain GB/s':>11} {'gap stale':>10} {'gap synced':>11}")
+    print(f"{'median s':>9} {'load s':>7} {'finish s':>8} {'first s':>8} {'GB/s':>7} {'plain GB/s':>11} "
+          f"{'gap stale':>10} {'gap synced':>11}")
     plain = f"{nbytes / probe / 1e9:>11.2f}" if probe else f"{'-':>11}"
-    print(f"{median:>9.3f} {first['sync_s']:>8.3f} {nbytes / median / 1e9:>7.2f} {plain} "
-          f"{gap_stale:>10.4f} {gap_synced:>11.4f}")
+    print(f"{median:>9.3f} {result['receiver_load_s']:>7.3f} {result['receiver_finish_s']:>8.3f} "
+          f"{first['sync_s']:>8.3f} {nbytes / median / 1e9:>7.2f} {plain} {gap_stale:>10.4f} {gap_synced:>11.4f}")
     write_result("weight_sync", device, result, args.out)
     learner.shutdown()
     ray.shutdown()
