@@ -3,8 +3,10 @@
     python pipelines/preprocess.py --config configs/tiny/preprocess.yaml [key=value ...]
     ray job submit --working-dir . -- python pipelines/preprocess.py --config configs/3b/preprocess.yaml
 
-One Ray Data job: index rows (bucketed) -> frame decode (CPU tasks) -> segmenter actor pool
-(autoscaling, GPUs per actor from the config) -> labels + QA (CPU actors) -> per-clip results on disk.
+One Ray Data job: index rows (bucketed; segmenter batches never mix buckets) -> frame decode (CPU
+tasks) -> [with an LLM: it names each clip's dynamic and static object, the segmentation prompts] ->
+segmenter actor pool (autoscaling, GPUs per actor from the config) -> labels + QA (CPU actors; with an
+LLM each question's overlays are checked to show one object, YES/NO) -> per-clip results on disk.
 Re-running resumes: finished clips are skipped and the final files are rebuilt from all results.
 """
 

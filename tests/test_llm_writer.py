@@ -35,6 +35,7 @@ class FakeEndpoint:
         self.delay_s = 0.0
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
+        self.rejected_subject = ""  # the overlay check answers NO for overlays of this object
 
     def reply_text(self, body: dict, fault: str) -> str:
         content = body["messages"][0]["content"]
@@ -42,6 +43,10 @@ class FakeEndpoint:
             question = re.search(r'in one or two sentences: "(.*)"\n', content)[1]
             return "the fake endpoint drops the times" if fault == "bad_phrase" else f"Tell me: {question}"
         text = "\n".join(part["text"] for part in content if part["type"] == "text")
+        if "Answer only YES" in text:
+            if fault == "garbled":
+                return "It is hard to say."
+            return "NO." if self.rejected_subject and f"the {self.rejected_subject}." in text else "YES"
         if "dynamic_object" in text:
             return '```json\n{"dynamic_object": "a red ball", "static_object": "null"}\n```'
         n = int(re.search(r"Number of mental images: (\d+)", text)[1])
@@ -115,8 +120,10 @@ def make_writer(endpoint, tmp_path, monkeypatch):
     writers = []
 
     def make(**overrides) -> OpenAIWriter:
+        # The overlay check is off unless a test turns it on: the request counts below are per item.
         settings = {"base_url": endpoint.url, "model": "fake-model", "api_key_env": "FAKE_LLM_KEY",
-                    "cache_dir": None, "timeout_s": 0.3, "backoff_s": 0.01, "phrase_questions": False}
+                    "cache_dir": None, "timeout_s": 0.3, "backoff_s": 0.01, "phrase_questions": False,
+                    "check_overlays": False}
         writer = OpenAIWriter(LlmWriterConfig(**{**settings, **overrides}))
         writers.append(writer)
         return writer
@@ -251,9 +258,10 @@ def test_from_config_takes_matching_settings(endpoint, monkeypatch, tmp_path):
 
     monkeypatch.setenv("FAKE_LLM_KEY", "secret")
     settings = SimpleNamespace(base_url=endpoint.url, model="m", api_key_env="FAKE_LLM_KEY", max_concurrency=3,
-                               max_retries=1, timeout_s=9.0, unrelated="ignored")
+                               max_retries=1, timeout_s=9.0, check_overlays=False, unrelated="ignored")
     with OpenAIWriter.from_config(settings, cache_dir=str(tmp_path)) as writer:
         assert (writer.config.max_concurrency, writer.config.max_retries, writer.config.timeout_s) == (3, 1, 9.0)
+        assert writer.config.check_overlays is False
         assert writer.config.cache_dir == str(tmp_path) and writer.config.model == "m"
 
 
@@ -266,3 +274,64 @@ def test_configuration_errors_are_usage_errors(endpoint, make_writer, monkeypatc
     endpoint.script.append("401")
     with pytest.raises(UsageError, match="rejected the request"):
         make_writer().camera_item(clip, clip.camera_segments[0], _images(clip), OPTIONS, "A")
+
+
+def _is_check(body: dict) -> bool:
+    return "Answer only YES" in body["messages"][0]["content"][0]["text"]
+
+
+def test_overlay_check_no_drops_the_item_yes_keeps_it(clip, endpoint, make_writer):
+    writer = make_writer(check_overlays=True)
+    images = _images(clip)
+    endpoint.rejected_subject = "grey wall"
+    with pytest.raises(QuestionDropped, match=f"^{llm_writer.OVERLAY_CHECK_FAILED}: "):
+        writer.camera_item(clip, clip.camera_segments[0], images, OPTIONS, "A")
+    assert len(endpoint.requests) == 1  # no chain of thought is asked for a rejected item
+    check = endpoint.requests[0]
+    assert _image_urls(check) == [writer._images.data_url(i.path) for i in images]  # the overlays only
+
+    endpoint.rejected_subject = ""
+    _question, cot = writer.camera_item(clip, clip.camera_segments[0], images, OPTIONS, "A")
+    assert [_is_check(body) for body in endpoint.requests[1:]] == [True, False]
+    assert cot.count(OUTPUT_IMAGE) == len(images)
+
+
+def test_unusable_check_replies_are_asked_again_then_dropped(clip, endpoint, make_writer):
+    writer = make_writer(check_overlays=True, cot_attempts=3)
+    endpoint.script.extend(["garbled"] * 3)
+    with pytest.raises(QuestionDropped, match=f"^{llm_writer.OVERLAY_CHECK_UNANSWERED}: 3 replies"):
+        writer.camera_item(clip, clip.camera_segments[0], _images(clip), OPTIONS, "A")
+    assert len(endpoint.requests) == 3
+    endpoint.script.extend(["garbled", "500"])  # a garbled reply and a server error, then YES
+    writer.camera_item(clip, clip.camera_segments[0], _images(clip), OPTIONS, "A")
+    assert [_is_check(body) for body in endpoint.requests[3:]] == [True, True, True, False]
+
+
+def test_the_verdict_is_the_first_word():
+    assert [bool(llm_writer._VERDICT.match(r)) and llm_writer._VERDICT.match(r)[1].upper()
+            for r in ("YES", " **Yes**, all of them", "NO. Not every one, YES in some", "Nope", "yesterday")] == \
+        ["YES", "YES", "NO", False, False]
+
+
+def test_clip_questions_of_a_rejected_object_drop_and_rerun_hits_the_cache(clip, endpoint, make_writer, tmp_path):
+    from fourdthinker.preprocess.annotate import drop_reason
+    from fourdthinker.preprocess.manifest import summarize
+
+    cache = str(tmp_path / "cache")
+    endpoint.rejected_subject = "grey wall"  # the static object: every camera question's overlays
+    samples, drops = _write(clip, make_writer(check_overlays=True, cache_dir=cache), tmp_path)
+    cameras = len(clip.camera_segments)
+    assert len(drops) == cameras and len(samples) == 5 - cameras
+    assert {s.kind for s in samples} <= {f"dynamic_{k}" for k in ("direct", "bbox", "distance", "speed")}
+    result = {"status": "ok", "drops": [drop_reason(d) for d in drops]}
+    assert summarize([result])["drops_per_reason"] == {llm_writer.OVERLAY_CHECK_FAILED: cameras}
+    assert all(r.startswith(f"{llm_writer.OVERLAY_CHECK_FAILED}: c1_") and r.count(llm_writer.OVERLAY_CHECK_FAILED) == 1
+               for r in result["drops"])
+    assert drop_reason("c1_0->2: 3 replies were not a valid chain of thought") == \
+        "question dropped: c1_0->2: 3 replies were not a valid chain of thought"
+    sent = len(endpoint.requests)
+    assert sum(map(_is_check, endpoint.requests)) == sent - len(samples)  # one check per item
+
+    again, again_drops = _write(clip, make_writer(check_overlays=True, cache_dir=cache), tmp_path)
+    assert len(endpoint.requests) == sent
+    assert [s.to_dift() for s in again] == [s.to_dift() for s in samples] and again_drops == drops

@@ -146,6 +146,8 @@ class SegmentClips:
 
     Input batches are pandas frames of clip rows (frames on disk); output rows gain a `tracks` column
     holding the JSON list of kept tracks (see `track_record`). Dropped rows pass through untouched.
+    A row's `concepts` column (the objects an LLM named in that clip), when present, prompts its
+    segmentation instead of the config's vocabulary.
     """
 
     def __init__(self, cfg: PreprocessConfig):
@@ -168,7 +170,8 @@ class SegmentClips:
     def _segment_row(self, row: dict) -> str:
         frames = load_frame_arrays(list(row["frame_paths"]))
         clip = ClipFrames(row["clip_id"], frames, np.asarray(row["frame_times"], dtype=np.float64))
-        tracks = self.segmenter.segment(clip, self.cfg.concepts)
+        concepts = row.get("concepts")
+        tracks = self.segmenter.segment(clip, self.cfg.concepts if concepts is None else list(concepts))
         kept = keep_objects(tracks, self.cfg.min_visible_fraction, self.cfg.max_objects)
         clip_dir = Path(self.cfg.output_dir) / MASKS_DIR / row["clip_id"]
         height, width = frames.shape[1:3]

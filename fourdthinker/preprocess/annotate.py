@@ -25,12 +25,16 @@ from fourdthinker.data.spatialvid import (
 from fourdthinker.preprocess.camera_motion import InvalidPoses, label_poses, normalize_camera_label, segment_labels
 from fourdthinker.preprocess.config import PreprocessConfig
 from fourdthinker.preprocess.index import STATUS_DROPPED, STATUS_OK
+from fourdthinker.preprocess.llm_writer import OVERLAY_CHECK_FAILED, OVERLAY_CHECK_UNANSWERED, OpenAIWriter
 from fourdthinker.preprocess.manifest import dift_format_error, write_clip_result
 from fourdthinker.preprocess.object_motion import CameraTrack, inside_frame, object_motion
 from fourdthinker.preprocess.records import ClipAnnotation, ObjectTrack
 
 OVERLAYS_DIR = "overlays"
+LLM_CACHE_DIR = "llm_cache"
 QUESTION_DROPPED = "question dropped"
+# Writer drop reasons that are their own manifest category rather than "question dropped".
+_OWN_CATEGORIES = (OVERLAY_CHECK_FAILED, OVERLAY_CHECK_UNANSWERED)
 # SpatialVID labels camera motion between every second pose row (camera_motion's default interval).
 POSE_INTERVAL = 2
 
@@ -126,6 +130,16 @@ def _object_labels(clip: ClipAnnotation) -> list[dict]:
              "distance": o.distance} for o in clip.objects]
 
 
+def drop_reason(reason: str) -> str:
+    """A question's drop reason ("<sample id>: <why>") under its manifest category: "question
+    dropped", or the overlay check's own category when `why` starts with it ("<category>: ...")."""
+    sample_id, _, why = reason.partition(": ")
+    for category in _OWN_CATEGORIES:
+        if why.startswith(f"{category}: "):
+            return f"{category}: {sample_id}: {why.removeprefix(f'{category}: ')}"
+    return f"{QUESTION_DROPPED}: {reason}"
+
+
 def process_clip(row: dict, cfg: PreprocessConfig, writer) -> dict:
     """Label one clip, write its questions and record its result under the output dir.
 
@@ -138,6 +152,9 @@ def process_clip(row: dict, cfg: PreprocessConfig, writer) -> dict:
               "video_path": row["video_path"], "frames_dir": row.get("frames_dir", ""),
               "status": row["status"], "reason": row["reason"], "camera_segments": [], "objects": [],
               "samples": [], "drops": []}
+    if "concepts" in row:  # the objects were named per clip (see dataset.NameObjects)
+        result.update(concepts=[str(c) for c in row["concepts"]], concepts_source=row["concepts_source"],
+                      concepts_note=row["concepts_note"])
     if row["status"] == STATUS_OK:
         try:
             clip = annotate(row, cfg)
@@ -156,17 +173,20 @@ def process_clip(row: dict, cfg: PreprocessConfig, writer) -> dict:
                 else:
                     kept.append({"id": sample.id, "kind": sample.kind, "dift": dift, "rl": sample.to_rl()})
             result.update(camera_segments=clip.camera_segments, objects=_object_labels(clip),
-                          samples=kept, drops=[f"{QUESTION_DROPPED}: {reason}" for reason in drops])
+                          samples=kept, drops=[drop_reason(reason) for reason in drops])
     write_clip_result(cfg.output_dir, result)
     return result
+
+
+def make_llm_writer(cfg: PreprocessConfig) -> OpenAIWriter:
+    """The LLM writer for `cfg.llm`, caching replies under the output dir (reruns send no requests)."""
+    return OpenAIWriter.from_config(cfg.llm, cache_dir=str(Path(cfg.output_dir) / LLM_CACHE_DIR))
 
 
 def make_writer(cfg: PreprocessConfig):
     """The QA writer: the offline template writer, or the LLM writer when `llm.base_url` is set."""
     if cfg.llm.base_url:
-        from fourdthinker.preprocess.llm_writer import OpenAIWriter
-
-        return OpenAIWriter.from_config(cfg.llm, cache_dir=str(Path(cfg.output_dir) / "llm_cache"))
+        return make_llm_writer(cfg)
     from fourdthinker.preprocess.qa import TemplateWriter
 
     return TemplateWriter(seed=cfg.seed)

@@ -43,7 +43,11 @@ class SegmenterConfig:
 
 @dataclass
 class LlmConfig:
-    """An OpenAI-compatible endpoint for object naming and QA writing; base_url "" = offline."""
+    """An OpenAI-compatible endpoint for object naming, overlay checks and QA writing.
+
+    base_url "" = offline: every clip is segmented with the `concepts` vocabulary, overlays are not
+    checked, and the template writer writes the questions. The flags below act only with a base_url.
+    """
 
     base_url: str = ""
     model: str = ""
@@ -51,6 +55,16 @@ class LlmConfig:
     max_concurrency: int = 8
     max_retries: int = 3
     timeout_s: float = 60.0
+    # Name each clip's dynamic and static object from its frames and segment with those names
+    # (the `concepts` vocabulary stays the fallback for clips whose naming reply is unusable).
+    name_objects: bool = True
+    # Ask, per question, whether every mental-image overlay shows the same object; NO drops it.
+    check_overlays: bool = True
+
+    @property
+    def names_objects(self) -> bool:
+        """Whether the preprocess plan runs the object-naming stage."""
+        return bool(self.base_url) and self.name_objects
 
 
 @dataclass
@@ -95,8 +109,9 @@ class PreprocessConfig:
             edges = getattr(self, name)
             if any(b <= a for a, b in zip(edges, edges[1:])):
                 raise ConfigError(f"{name}: must be strictly increasing, got {edges}")
-        if not self.concepts and not self.llm.base_url:
-            raise ConfigError("concepts: empty; list the object concepts to segment or configure llm.base_url")
+        if not self.concepts and not self.llm.names_objects:
+            raise ConfigError("concepts: empty; list the object concepts to segment, or configure llm.base_url "
+                              "with llm.name_objects: true")
         if not 0.0 < self.min_visible_fraction <= 1.0:
             raise ConfigError(f"min_visible_fraction: must be in (0, 1], got {self.min_visible_fraction}")
         if self.object_size_m <= 0:

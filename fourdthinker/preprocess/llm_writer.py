@@ -1,7 +1,10 @@
 """The LLM writer: questions and chains of thought from any OpenAI-compatible chat endpoint.
 
-`OpenAIWriter` implements the `QaWriter` interface of `qa.py` (and `identify_objects`, the
-reference's object-identification call, REFERENCE-SPEC §2.2 step 4). Per request it is async with
+`OpenAIWriter` implements the `QaWriter` interface of `qa.py`, plus `name_objects`, the reference's
+object-identification call (REFERENCE-SPEC §2.2 step 4), whose names become a clip's segmentation
+prompts. Before writing an item it asks, in one request with the item's overlays, whether every overlay
+highlights the same object (the reference's YES/NO verification, §4 step 6); a NO drops the item with
+the reason `overlay_check_failed`. Per request it is async with
 bounded concurrency, retries 429 / 5xx / timeouts / connection errors with exponential backoff (and
 the server's Retry-After), and caches every reply on disk keyed by the request, so a rerun costs no
 requests. A reply that is not a valid chain of thought for the given answer (`validate_text_output`)
@@ -63,13 +66,34 @@ MAX_LABEL_WORDS = 8
 _JPEG_QUALITY = 90
 _ENCODED_IMAGE_CACHE = 512
 
+# Drop-reason categories of the overlay check (the text before the first ':' of a reason).
+OVERLAY_CHECK_FAILED = "overlay_check_failed"
+OVERLAY_CHECK_UNANSWERED = "overlay_check_unanswered"
+
 _REPLY = re.compile(r"<think(?:ing)?>(?P<think>.*?)</think(?:ing)?>\s*<answer>(?P<answer>.*?)</answer>",
                     re.DOTALL | re.IGNORECASE)
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+# The verdict is the reply's first word; the reference's `"YES" in reply` also passed "NO, ... YES".
+_VERDICT = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
 _RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError,
               openai.APIConnectionError)
 # A wrong key, model or URL fails every request alike: stop and say so instead of dropping everything.
 _CONFIG_ERRORS = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+
+
+@dataclass(frozen=True)
+class ObjectNames:
+    """The objects an LLM named in a clip's frames; `reason` says why a name is missing
+    ("" when the reply was usable, even if it named no object of a kind)."""
+
+    dynamic: str | None
+    static: str | None
+    reason: str = ""
+
+    @property
+    def concepts(self) -> list[str]:
+        """The named objects as segmentation prompts (dynamic first, no repeats)."""
+        return list(dict.fromkeys(name for name in (self.dynamic, self.static) if name))
 
 
 @dataclass(frozen=True)
@@ -92,6 +116,7 @@ class LlmWriterConfig:
     image_max_pixels: int = MAX_PIXELS
     max_video_frames: int = MAX_FRAMES
     phrase_questions: bool = True  # False: keep the template question wording
+    check_overlays: bool = True  # ask whether every overlay of an item shows the same object
 
     def __post_init__(self):
         for name in ("max_concurrency", "cot_attempts", "max_tokens", "max_video_frames"):
@@ -104,7 +129,7 @@ class LlmWriterConfig:
 class OpenAIWriter:
     """A `QaWriter` backed by an OpenAI-compatible chat-completions endpoint.
 
-    Sync methods (`camera_item`, `dynamic_item`, `write_many`, `identify_objects`) run on a private
+    Sync methods (`camera_item`, `dynamic_item`, `write_many`, `name_objects`) run on a private
     event-loop thread, so one connection pool serves every call; the `a*` coroutines run on the
     caller's loop. Item methods raise `QuestionDropped` with the reason when no valid text comes back.
     """
@@ -148,10 +173,19 @@ class OpenAIWriter:
         `QuestionDropped`. Used by `write_clip_questions`."""
         return self._run(self.awrite_many(jobs))
 
+    def name_objects(self, frames: Sequence[str | Path]) -> ObjectNames:
+        """The dynamic and static object seen in the frames (see `aname_objects`)."""
+        return self._run(self.aname_objects(frames))
+
     def identify_objects(self, frames: Sequence[str | Path]) -> tuple[str | None, str | None]:
         """(dynamic object label, static object label) seen in the frames; None where there is none
         or the endpoint gave no usable answer."""
-        return self._run(self.aidentify_objects(frames))
+        names = self.name_objects(frames)
+        return names.dynamic, names.static
+
+    def check_overlays(self, images: Sequence[MentalImage]) -> None:
+        """Raise `QuestionDropped` unless every overlay shows the same object (see `acheck_overlays`)."""
+        self._run(self.acheck_overlays(images))
 
     def close(self) -> None:
         """Close the private event loop's client and stop the loop."""
@@ -192,6 +226,7 @@ class OpenAIWriter:
     async def acamera_item(self, clip: ClipAnnotation, segment: Segment, images: Sequence[MentalImage],
                            options: dict[str, str], letter: str) -> tuple[str, str]:
         template_question, _ = self._templates.camera_item(clip, segment, images, options, letter)
+        await self.acheck_overlays(images)
         start, end, _labels = segment
         times = (format_seconds(clip.frame_times[start]), format_seconds(clip.frame_times[end]))
         question = await self._phrase(template_question, must_keep=times)
@@ -203,6 +238,7 @@ class OpenAIWriter:
                             images: Sequence[MentalImage], options: dict[str, str],
                             letter: str) -> tuple[str, str]:
         template_question, _ = self._templates.dynamic_item(clip, track, kind, images, options, letter)
+        await self.acheck_overlays(images)
         times = (format_seconds(images[0].time_s), format_seconds(images[-1].time_s))
         box = initial_box_text(clip, track, images) if kind == "bbox" else None
         question = await self._phrase(template_question, must_keep=times + ((box,) if box else ()))
@@ -210,27 +246,54 @@ class OpenAIWriter:
         instruction = _dynamic_instruction(clip, shown, track, images, question, options, letter, times)
         return question, await self._chain_of_thought(clip, shown, images, instruction, options, letter)
 
-    async def aidentify_objects(self, frames: Sequence[str | Path]) -> tuple[str | None, str | None]:
+    async def aname_objects(self, frames: Sequence[str | Path]) -> ObjectNames:
+        """One dynamic and one static object named from up to IDENTIFY_FRAMES frames spread over the
+        clip. An unusable reply is asked again (`cot_attempts` in all); when none is usable, or the
+        frames cannot be read or the endpoint fails, both names are None and `reason` says why."""
         if not frames:
-            raise UsageError("identify_objects needs at least one frame")
+            raise UsageError("name_objects needs at least one frame")
         picked = [frames[i] for i in spread_indices(len(frames), IDENTIFY_FRAMES)]
         try:
             content = [_text(_IDENTIFY_INSTRUCTION), *[self._image_part(p) for p in picked]]
         except QuestionDropped as unreadable:
-            log.warning("object identification skipped: %s", unreadable)
-            return None, None
+            return ObjectNames(None, None, f"frames unreadable: {unreadable}")
         reason = "no reply"
         for attempt in range(self.config.cot_attempts):
             try:
                 reply = await self._chat([{"role": "user", "content": content}], attempt)
             except QuestionDropped as dropped:
-                reason = str(dropped)
-                break
+                return ObjectNames(None, None, str(dropped))
             labels, reason = _parse_objects(reply)
             if labels is not None:
-                return labels
-        log.warning("object identification gave no usable answer (%s)", reason)
-        return None, None
+                return ObjectNames(*labels)
+        return ObjectNames(None, None, f"{self.config.cot_attempts} replies unusable; last: {reason}")
+
+    async def aidentify_objects(self, frames: Sequence[str | Path]) -> tuple[str | None, str | None]:
+        names = await self.aname_objects(frames)
+        if names.reason:
+            log.warning("object identification gave no usable answer (%s)", names.reason)
+        return names.dynamic, names.static
+
+    async def acheck_overlays(self, images: Sequence[MentalImage]) -> None:
+        """Ask, with the overlays only, whether each highlights the same object; raise
+        `QuestionDropped` with reason `overlay_check_failed` on NO, `overlay_check_unanswered` when
+        `cot_attempts` replies are neither YES nor NO. No-op when `check_overlays` is off."""
+        if not self.config.check_overlays or not images:
+            return
+        content = [_text(_CHECK_INSTRUCTION.format(n=len(images), subject=images[0].subject)),
+                   *[self._image_part(image.path) for image in images]]
+        reply = ""
+        for attempt in range(self.config.cot_attempts):
+            reply = await self._chat([{"role": "user", "content": content}], attempt)
+            verdict = _VERDICT.match(reply)
+            if verdict is None:
+                continue
+            if verdict[1].lower() == "yes":
+                return
+            raise QuestionDropped(f"{OVERLAY_CHECK_FAILED}: the LLM says the {len(images)} overlays do not "
+                                  f"all show the same {images[0].subject}")
+        raise QuestionDropped(f"{OVERLAY_CHECK_UNANSWERED}: {self.config.cot_attempts} replies were not "
+                              f"YES or NO; last: {reply[:80]!r}")
 
     # --- internals -----------------------------------------------------------------------------
 
@@ -352,6 +415,14 @@ _IDENTIFY_INSTRUCTION = (
     "object). Both must be clearly visible. Use short labels of at most 8 words with a colour or shape "
     'cue, e.g. "a red car". Reply with JSON only: {"dynamic_object": "label", "static_object": "label"}, '
     "using null for an object that does not exist."
+)
+
+_CHECK_INSTRUCTION = (
+    "Each of these {n} images highlights a region with a red overlay and outline; it should be the "
+    "{subject}. Check every image: is the highlighted region the same {subject} in all of them (the same "
+    "object, not another one of its kind), is the highlight consistent across the images, does it "
+    "reasonably cover that object, and is the object clearly visible? Answer only YES if all of this "
+    "holds in every image, otherwise only NO."
 )
 
 _COMMON_RULES = (
