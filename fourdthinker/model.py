@@ -40,6 +40,41 @@ def _vision_is_frozen(model) -> bool:
     return not any(p.requires_grad for p in model.model.visual.parameters())
 
 
+def _zero3_partitioned(module) -> bool:
+    """True when DeepSpeed ZeRO-3 holds the module's parameters in shards (gathered on use)."""
+    return hasattr(next(module.parameters()), "ds_id")
+
+
+def _vision_features(model, pixels: Tensor | None, grid_thw: Tensor | None, videos: bool) -> Tensor | None:
+    """The tower's merged features of every image (or video) of the batch, concatenated; None without any.
+
+    Under ZeRO-3 each tower call gathers the tower's shards with collectives that every rank must
+    issue in the same order; a rank whose micro-batch has no such input (a text-only prompt next to
+    video prompts on another rank) would skip them and deadlock the world. So there it runs the tower
+    once on a minimal input (one merged token) and drops the result.
+    """
+    if pixels is None:
+        if not _zero3_partitioned(model.model.visual):
+            return None
+        pixels, grid_thw = _minimal_vision_input(model)
+        videos, keep = False, False
+    else:
+        keep = True
+    get = model.model.get_video_features if videos else model.model.get_image_features
+    features = torch.cat(get(pixels, grid_thw).pooler_output)
+    return features if keep else None
+
+
+def _minimal_vision_input(model) -> tuple[Tensor, Tensor]:
+    """One image of one merge window: the cheapest input the tower accepts."""
+    vision = model.config.vision_config
+    merge = vision.spatial_merge_size
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    weight = next(model.model.visual.parameters())
+    pixels = torch.zeros(merge * merge, patch_dim, dtype=weight.dtype, device=weight.device)
+    return pixels, torch.tensor([[1, merge, merge]], device=weight.device)
+
+
 def latent_targets(model, pixel_values: Tensor, image_grid_thw: Tensor, latent_size: int) -> Tensor:
     """The latent target vectors of each image: [num_images, latent_size, hidden] in float32.
 
@@ -50,6 +85,8 @@ def latent_targets(model, pixel_values: Tensor, image_grid_thw: Tensor, latent_s
     hidden = model.config.text_config.hidden_size
     num_images = image_grid_thw.shape[0]
     if num_images == 0:
+        with torch.no_grad():
+            _vision_features(model, None, None, videos=False)  # ZeRO-3: same collectives on every rank
         return torch.zeros(0, latent_size, hidden, device=model.device)
     merge = model.config.vision_config.spatial_merge_size
     counts = image_grid_thw.prod(-1) // (merge * merge)
@@ -58,8 +95,7 @@ def latent_targets(model, pixel_values: Tensor, image_grid_thw: Tensor, latent_s
         raise ValueError(f"an output image has fewer merged vision tokens ({int(counts.min())}) than "
                          f"latent_size={latent_size}; use larger output images")
     with torch.no_grad():
-        features = torch.cat(model.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
-    features = features.float()
+        features = _vision_features(model, pixel_values, image_grid_thw, videos=False).float()
     counts, group_len = counts.to(features.device), group_len.to(features.device)
 
     image = torch.repeat_interleave(torch.arange(num_images, device=features.device), counts)
@@ -94,13 +130,9 @@ def embed_with_latents(model, input_ids: Tensor, latent_mask: Tensor, latent_vec
     not transformers 5.x's `get_rope_index`, which resumes text after a video too early.
     """
     config = model.config
-    videos = images = None
     with torch.set_grad_enabled(torch.is_grad_enabled() and not _vision_is_frozen(model)):
-        if pixel_values_videos is not None:
-            videos = model.model.get_video_features(pixel_values_videos, video_grid_thw).pooler_output
-            videos = torch.cat(videos)
-        if pixel_values is not None:
-            images = torch.cat(model.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
+        videos = _vision_features(model, pixel_values_videos, video_grid_thw, videos=True)
+        images = _vision_features(model, pixel_values, image_grid_thw, videos=False)
     embeds = model.get_input_embeddings()(input_ids)
     if videos is not None:
         embeds = _scatter(embeds, input_ids == config.video_token_id, videos, "video")
