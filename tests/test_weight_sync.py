@@ -131,28 +131,23 @@ def test_collective_sync_lands_the_learner_weights_in_every_engine_and_survives_
 
 
 @pytest.mark.slow
-def test_zero3_learner_with_mixed_prompts_trains_and_gathers_its_shards_into_one_sync(tiny_model_dir):
+def test_zero3_learner_with_mixed_prompts_trains_and_gathers_its_shards_into_one_sync(cluster, tiny_model_dir):
     """ZeRO-3 shards every parameter, the vision tower's too, and gathers them with collectives that
     all ranks must issue alike: here one rank scores a video prompt while the other scores a text-only
     one. Scoring and a training step must not deadlock, and the sync gathers the shards into the
     engine's full weights."""
-    import ray
-    from transformers import AutoConfig
-
     from fourdthinker.actors.learner import LearnerGroup
     from fourdthinker.actors.rollout import rollout_actor_class
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}})
+    ray, _, _, config = cluster
+    cfg = GrpoConfig(model_dir=str(tiny_model_dir), train_jsonl="-", prompts_per_step=2, num_generations=2,
+                     num_learners=2, micro_batch_size=1, learner_gpus=0, learner_cpus=0.25, beta=0.0,
+                     lr=1e-2, zero_stage=3, gradient_checkpointing=False, bf16=False, weight_bucket_mb=1)
+    cfg.validate()
+    rollout = rollout_actor_class(num_gpus=0, num_cpus=0.25).remote(
+        str(tiny_model_dir), {"max_model_len": 1024, "max_num_seqs": 8})
+    group = LearnerGroup(cfg)
     try:
-        cfg = GrpoConfig(model_dir=str(tiny_model_dir), train_jsonl="-", prompts_per_step=2, num_generations=2,
-                         num_learners=2, micro_batch_size=1, learner_gpus=0, learner_cpus=0.25, beta=0.0,
-                         lr=1e-2, zero_stage=3, gradient_checkpointing=False, bf16=False, weight_bucket_mb=1)
-        cfg.validate()
-        rollout = rollout_actor_class(num_gpus=0, num_cpus=0.25).remote(
-            str(tiny_model_dir), {"max_model_len": 1024, "max_num_seqs": 8})
-        group = LearnerGroup(cfg)
-        config = AutoConfig.from_pretrained(tiny_model_dir, local_files_only=True)
         _perturb(ray, rollout, tiny_model_dir, seed=3)
         assert _gaps(ray, group, [rollout], config)[0] > 1e-2
         sync = group.broadcast_weights([rollout], version=1)
@@ -164,6 +159,6 @@ def test_zero3_learner_with_mixed_prompts_trains_and_gathers_its_shards_into_one
         assert group.train_step(PROMPTS, rollout_rows(ray, rollout, config))["optimizer_steps"] == 1
         stale = rollout_rows(ray, rollout, config)
         assert max_gap(group.logprobs(PROMPTS, stale), stale, ids) > 1e-2  # the step moved the weights
-        group.shutdown()
     finally:
-        ray.shutdown()
+        group.shutdown()
+        ray.kill(rollout)
