@@ -51,8 +51,10 @@ def _gap(ray, learner, rollout, prompts, model_config, seed: int) -> float:
     rows = build_train_rows(groups, torch.tensor([1.0, -1.0, 1.0, -1.0]), model_config.text_config.hidden_size,
                             model_config.text_config.pad_token_id, vision_placeholder_ids(model_config))
     ids = LatentIds.from_config(model_config)
+    # Untrainable rows are one-token placeholders for failed samples: their rollout log-prob means nothing.
     gaps = [(lp - r).abs()[text_token_mask(torch.tensor(c), torch.ones(len(c), dtype=torch.bool), ids)].max().item()
-            for lp, r, c in zip(learner.logprobs(prompts, rows), rows.rollout_logprobs, rows.completions)]
+            for lp, r, c, ok in zip(learner.logprobs(prompts, rows), rows.rollout_logprobs, rows.completions,
+                                    rows.trainable.tolist()) if ok]
     return max(gaps), rows
 
 

@@ -38,6 +38,8 @@ def text_masks(rows, ids):
 
 
 def max_gap(learner_logprobs, rows, ids) -> float:
-    """Largest |learner - rollout| log-prob over the text tokens of every row."""
+    """Largest |learner - rollout| log-prob over the text tokens of every trainable row (an untrainable
+    row is a one-token placeholder for a failed sample: its rollout log-prob means nothing)."""
     return max((lp - r)[m].abs().max().item()
-               for lp, r, m in zip(learner_logprobs, rows.rollout_logprobs, text_masks(rows, ids)))
+               for lp, r, m, ok in zip(learner_logprobs, rows.rollout_logprobs, text_masks(rows, ids),
+                                       rows.trainable.tolist()) if ok)

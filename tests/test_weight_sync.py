@@ -135,7 +135,7 @@ def test_zero3_learner_with_mixed_prompts_trains_and_gathers_its_shards_into_one
     """ZeRO-3 shards every parameter, the vision tower's too, and gathers them with collectives that
     all ranks must issue alike: here one rank scores a video prompt while the other scores a text-only
     one. Scoring and a training step must not deadlock, and the sync gathers the shards into the
-    engine's full weights."""
+    engine's full weights, before and after the step."""
     from fourdthinker.actors.learner import LearnerGroup
     from fourdthinker.actors.rollout import rollout_actor_class
 
@@ -159,6 +159,8 @@ def test_zero3_learner_with_mixed_prompts_trains_and_gathers_its_shards_into_one
         assert group.train_step(PROMPTS, rollout_rows(ray, rollout, config))["optimizer_steps"] == 1
         stale = rollout_rows(ray, rollout, config)
         assert max_gap(group.logprobs(PROMPTS, stale), stale, ids) > 1e-2  # the step moved the weights
+        group.broadcast_weights([rollout], version=2)
+        assert _gaps(ray, group, [rollout], config)[0] < 1e-3
     finally:
         group.shutdown()
         ray.kill(rollout)
