@@ -24,6 +24,8 @@ from pathlib import Path
 
 from report import write_result  # benchmarks/report.py (scripts run from benchmarks/)
 
+from fourdthinker.weight_sync import TRANSPORTS, resolve_transport
+
 
 def _prompts():
     import numpy as np
@@ -37,11 +39,11 @@ def _prompts():
             (question_prompt("Is the cube moving toward the camera?"), None)]
 
 
-def _gap(ray, learner, rollout, prompts, model_config, seed: int) -> float:
-    """Max |learner - rollout| log-prob over the text tokens of fresh samples."""
+def _gap(ray, learner, rollout, prompts, model_config, seed: int):
+    """Max |learner - rollout| log-prob over the text tokens of fresh samples, and their rows."""
     import torch
 
-    from fourdthinker.grpo import build_train_rows, text_token_mask, vision_placeholder_ids
+    from fourdthinker.grpo import build_train_rows, rows_logprob_gap, vision_placeholder_ids
     from fourdthinker.tokens import LatentIds
     from fourdthinker.vllm_plugin.generate import GenerationRequest, SamplingConfig
 
@@ -50,12 +52,7 @@ def _gap(ray, learner, rollout, prompts, model_config, seed: int) -> float:
     groups = ray.get(rollout.generate.remote(requests, sampling))
     rows = build_train_rows(groups, torch.tensor([1.0, -1.0, 1.0, -1.0]), model_config.text_config.hidden_size,
                             model_config.text_config.pad_token_id, vision_placeholder_ids(model_config))
-    ids = LatentIds.from_config(model_config)
-    # Untrainable rows are one-token placeholders for failed samples: their rollout log-prob means nothing.
-    gaps = [(lp - r).abs()[text_token_mask(torch.tensor(c), torch.ones(len(c), dtype=torch.bool), ids)].max().item()
-            for lp, r, c, ok in zip(learner.logprobs(prompts, rows), rows.rollout_logprobs, rows.completions,
-                                    rows.trainable.tolist()) if ok]
-    return max(gaps), rows
+    return rows_logprob_gap(learner.logprobs(prompts, rows), rows, LatentIds.from_config(model_config))[0], rows
 
 
 def main() -> int:
@@ -64,7 +61,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rollouts", type=int, default=1)
-    parser.add_argument("--transport", default="auto", choices=["auto", "collective", "cuda_ipc", "object_store"])
+    parser.add_argument("--transport", default="auto", choices=TRANSPORTS)
     parser.add_argument("--colocate", action="store_true", help="learner and rollouts share one GPU")
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
@@ -128,7 +125,7 @@ def main() -> int:
     seconds = [r["sync_s"] for r in runs]
     nbytes = int(runs[0]["sync_bytes"])
     median = statistics.median(seconds)
-    transport = {"auto": "cuda_ipc" if args.colocate and on_gpu else "collective"}.get(args.transport, args.transport)
+    transport = resolve_transport(args.transport, torch.device("cuda" if on_gpu else "cpu"), args.colocate)
     probe = None
     if transport == "collective":
         probe = statistics.median(learner.probe_weight_sync(rollouts, nbytes) for _ in range(args.repeats))

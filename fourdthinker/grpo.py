@@ -106,6 +106,21 @@ class TrainRows:
         return [self.select(range(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
 
 
+def trainable_text_mask(rows: TrainRows, valid: Tensor, latent_ids: LatentIds) -> Tensor:
+    """[N, T] True at the completion tokens that carry loss and the consistency gap: text tokens
+    (`valid` marks each row's length after `pad_rows`) of trainable rows."""
+    tokens, _ = pad_rows([torch.tensor(c, device=valid.device) for c in rows.completions])
+    return text_token_mask(tokens, valid, latent_ids) & rows.trainable.to(valid.device).unsqueeze(1)
+
+
+def rows_logprob_gap(learner_logprobs: Sequence[Tensor], rows: TrainRows, latent_ids: LatentIds) -> tuple[float, float]:
+    """(max, mean) |learner - rollout| log-prob over `trainable_text_mask`: the policy-consistency gap
+    of whole rows (an untrainable row is a placeholder whose rollout log-prob means nothing)."""
+    learner, valid = pad_rows(list(learner_logprobs))
+    rollout, _ = pad_rows([r.to(learner.device) for r in rows.rollout_logprobs])
+    return logprob_gap(learner, rollout, trainable_text_mask(rows, valid, latent_ids))
+
+
 def build_train_rows(groups: Sequence[Sequence[Completion]], advantages: Tensor, hidden_size: int,
                      placeholder_token: int, untrainable_tokens: Sequence[int] = ()) -> TrainRows:
     """Flatten per-prompt completion groups (prompt-major, as `advantages` is laid out).

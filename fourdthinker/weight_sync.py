@@ -26,14 +26,14 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Protocol, Sequence
+from typing import Any, Iterable, Literal, Protocol, Sequence, get_args
 
 import torch
 
-from fourdthinker.weights import BucketLayout, pack, pack_buckets, plan_buckets
+from fourdthinker.weights import BucketLayout, pack, pack_buckets, plan_named, unpack
 
 TransportName = Literal["auto", "collective", "cuda_ipc", "object_store"]
-TRANSPORTS = ("auto", "collective", "cuda_ipc", "object_store")
+TRANSPORTS: tuple[str, ...] = get_args(TransportName)
 
 
 @dataclass
@@ -87,8 +87,6 @@ def broadcast(group, tensor: torch.Tensor, src: int = 0) -> None:
 def receive_buckets(group, layouts: Sequence[BucketLayout], device: torch.device, load) -> int:
     """Receiver side of `CollectiveWeightSync`: per layout, a buffer on `device`, the broadcast into
     it, and `load(named_tensors)` on views of it. Returns the bytes received."""
-    from fourdthinker.weights import unpack
-
     total = 0
     for layout in layouts:
         flat = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
@@ -153,9 +151,7 @@ class CollectiveWeightSync:
         import ray
 
         start = time.perf_counter()
-        named = list(named)
-        tensors = dict(named)
-        layouts = plan_buckets(((n, t.shape, t.dtype) for n, t in named), self.bucket_bytes)
+        layouts, tensors = plan_named(named, self.bucket_bytes)
         self._ensure_group(rollouts)
         received = [r.receive_weights.remote([layout.to_wire() for layout in layouts], version) for r in rollouts]
         nbytes = 0
@@ -199,9 +195,7 @@ class CudaIpcWeightSync:
         from torch.multiprocessing.reductions import reduce_tensor
 
         start = time.perf_counter()
-        named = list(named)
-        tensors = dict(named)
-        layouts = plan_buckets(((n, t.shape, t.dtype) for n, t in named), self.bucket_bytes)
+        layouts, tensors = plan_named(named, self.bucket_bytes)
         ray.get([r.begin_weight_update.remote(list(tensors)) for r in rollouts])
         nbytes = 0
         for layout in layouts:
@@ -227,10 +221,15 @@ def open_ipc_bucket(handle: bytes, device: torch.device) -> torch.Tensor:
     return rebuild_cuda_tensor(*args)
 
 
-def make_weight_sync(name: TransportName, bucket_bytes: int, device: torch.device, colocated: bool) -> WeightSync:
+def resolve_transport(name: TransportName, device: torch.device, colocated: bool) -> str:
     """`auto`: CUDA IPC for a learner sharing its GPU with the engines, else the collective group."""
     if name == "auto":
-        name = "cuda_ipc" if colocated and torch.device(device).type == "cuda" else "collective"
+        return "cuda_ipc" if colocated and torch.device(device).type == "cuda" else "collective"
+    return name
+
+
+def make_weight_sync(name: TransportName, bucket_bytes: int, device: torch.device, colocated: bool) -> WeightSync:
+    name = resolve_transport(name, device, colocated)
     if name == "collective":
         return CollectiveWeightSync(bucket_bytes, device)
     if name == "cuda_ipc":

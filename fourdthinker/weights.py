@@ -121,12 +121,18 @@ class WeightBucket:
         return cls(BucketLayout.from_wire(names, shapes, dtypes), torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
 
+def plan_named(named: Iterable[tuple[str, torch.Tensor]],
+               bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> tuple[list[BucketLayout], dict[str, torch.Tensor]]:
+    """The bucket layouts of named tensors, and the tensors by name to pack them from."""
+    tensors = dict(named)
+    return plan_buckets(((n, t.shape, t.dtype) for n, t in tensors.items()), bucket_bytes), tensors
+
+
 def pack_buckets(named: Iterable[tuple[str, torch.Tensor]],
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[WeightBucket]:
     """Host-memory buckets of about `bucket_bytes` (the object-store transport)."""
-    named = list(named)
-    tensors = dict(named)
-    for layout in plan_buckets(((n, t.shape, t.dtype) for n, t in named), bucket_bytes):
+    layouts, tensors = plan_named(named, bucket_bytes)
+    for layout in layouts:
         yield WeightBucket(layout, pack(layout, [tensors[n] for n in layout.names], "cpu"))
 
 

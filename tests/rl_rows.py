@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fourdthinker.grpo import build_train_rows, text_token_mask, vision_placeholder_ids
+from fourdthinker.grpo import build_train_rows, rows_logprob_gap, vision_placeholder_ids
 from fourdthinker.prompts import question_prompt
 from fourdthinker.vllm_plugin.generate import GenerationRequest, SamplingConfig
 
@@ -33,13 +33,6 @@ def rollout_rows(ray, rollout, config, advantages=None):
                             vision_placeholder_ids(config))
 
 
-def text_masks(rows, ids):
-    return [text_token_mask(torch.tensor(c), torch.ones(len(c), dtype=torch.bool), ids) for c in rows.completions]
-
-
 def max_gap(learner_logprobs, rows, ids) -> float:
-    """Largest |learner - rollout| log-prob over the text tokens of every trainable row (an untrainable
-    row is a one-token placeholder for a failed sample: its rollout log-prob means nothing)."""
-    return max((lp - r)[m].abs().max().item()
-               for lp, r, m, ok in zip(learner_logprobs, rows.rollout_logprobs, text_masks(rows, ids),
-                                       rows.trainable.tolist()) if ok)
+    """Largest |learner - rollout| log-prob over the text tokens of the trainable rows."""
+    return rows_logprob_gap(learner_logprobs, rows, ids)[0]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fourdthinker.config import ConfigError, load_config
-from fourdthinker.grpo import (build_train_rows, group_advantages, grpo_loss, kl_penalty, logprob_gap,
-                               pad_rows, rollout_metrics, text_token_mask,
+from fourdthinker.grpo import (TrainRows, build_train_rows, group_advantages, grpo_loss, kl_penalty,
+                               logprob_gap, pad_rows, rollout_metrics, rows_logprob_gap, text_token_mask,
                                vision_placeholder_ids)
 from fourdthinker.grpo_config import GrpoConfig
 from fourdthinker.rewards import score_completions
@@ -146,6 +146,18 @@ def test_logprob_gap_and_padding():
     b[0, 1] += 0.25
     b[1, 2] += 9.0  # padding: not counted
     assert logprob_gap(a, b, valid) == pytest.approx((0.25, 0.0625))
+
+
+def test_rows_gap_counts_text_tokens_of_trainable_rows_only():
+    completions = [[5, IDS.start, IDS.pad, IDS.pad, IDS.end, 7], [6, 8], [0]]
+    rollout = [torch.zeros(len(c)) for c in completions]
+    learner = [torch.tensor([0.1, 5.0, 5.0, 5.0, 5.0, -0.3]),  # latent tokens: not counted
+               torch.tensor([0.2, 0.0]),
+               torch.tensor([9.0])]  # the untrainable placeholder row: not counted
+    rows = TrainRows([0, 0, 1], completions, [torch.zeros(0, 4)] * 3, rollout, torch.zeros(3),
+                     torch.tensor([True, True, False]))
+    counted = [0.1, 0.3, 0.2, 0.0]  # |learner - rollout| at the text tokens of rows 0 and 1
+    assert rows_logprob_gap(learner, rows, IDS) == pytest.approx((max(counted), sum(counted) / len(counted)))
 
 
 def test_rollout_metrics_report_each_reward_and_latent_blocks():

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from fourdthinker.config import from_dict, to_dict
-from fourdthinker.grpo import TrainRows, grpo_loss, logprob_gap, pad_rows, text_token_mask
+from fourdthinker.grpo import TrainRows, grpo_loss, logprob_gap, pad_rows, trainable_text_mask
 from fourdthinker.grpo_config import GrpoConfig
 from fourdthinker.weight_sync import WeightSync, free_port, make_weight_sync
 
@@ -131,9 +131,7 @@ class LearnerWorker:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             per_row = completion_logprobs(model, inputs, rows.completions, rows.latents, self.latent_ids)
         logp, valid = pad_rows(per_row)
-        tokens, _ = pad_rows([torch.tensor(c, device=self.device) for c in rows.completions])
-        mask = text_token_mask(tokens, valid, self.latent_ids) & rows.trainable.to(self.device).unsqueeze(1)
-        return logp, mask
+        return logp, trainable_text_mask(rows, valid, self.latent_ids)
 
     @torch.no_grad()
     def logprobs(self, prompts: Sequence[Prompt], rows: TrainRows) -> list[torch.Tensor]:
