@@ -54,15 +54,11 @@ def _vision_features(model, pixels: Tensor | None, grid_thw: Tensor | None, vide
     once on a minimal input (one merged token) and drops the result.
     """
     if pixels is None:
-        if not _zero3_partitioned(model.model.visual):
-            return None
-        pixels, grid_thw = _minimal_vision_input(model)
-        videos, keep = False, False
-    else:
-        keep = True
+        if _zero3_partitioned(model.model.visual):
+            model.model.get_image_features(*_minimal_vision_input(model))
+        return None
     get = model.model.get_video_features if videos else model.model.get_image_features
-    features = torch.cat(get(pixels, grid_thw).pooler_output)
-    return features if keep else None
+    return torch.cat(get(pixels, grid_thw).pooler_output)
 
 
 def _minimal_vision_input(model) -> tuple[Tensor, Tensor]:

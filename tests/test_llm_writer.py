@@ -16,7 +16,7 @@ from PIL import Image
 
 from fourdthinker.errors import UsageError
 from fourdthinker.preprocess import llm_writer
-from fourdthinker.preprocess.llm_writer import LlmWriterConfig, OpenAIWriter
+from fourdthinker.preprocess.llm_writer import LlmWriterConfig, ObjectNames, OpenAIWriter
 from fourdthinker.preprocess.qa import MentalImage, QuestionDropped, validate_sample, write_clip_questions
 from fourdthinker.preprocess.records import ClipAnnotation, ObjectTrack
 from fourdthinker.tokens import OUTPUT_IMAGE
@@ -246,9 +246,9 @@ def test_phrased_question_kept_only_when_it_keeps_the_details(clip, endpoint, ma
     assert not question.startswith("Tell me") and "1s" in question and "2s" in question  # template wording
 
 
-def test_identify_objects(clip, endpoint, make_writer):
+def test_name_objects(clip, endpoint, make_writer):
     writer = make_writer()
-    assert writer.identify_objects(clip.frame_paths) == ("a red ball", None)
+    assert writer.name_objects(clip.frame_paths) == ObjectNames("a red ball", None, "")
     body = endpoint.requests[-1]
     assert len(_image_urls(body)) == FRAMES  # fewer than 10 frames: all of them
 

@@ -21,7 +21,6 @@ import base64
 import hashlib
 import io
 import json
-import logging
 import os
 import random
 import re
@@ -56,7 +55,6 @@ from fourdthinker.preprocess.records import ClipAnnotation, ObjectTrack
 from fourdthinker.prompts import options_block
 from fourdthinker.tokens import OUTPUT_IMAGE
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Frames shown to the object-identification call (the reference's choice).
@@ -177,12 +175,6 @@ class OpenAIWriter:
         """The dynamic and static object seen in the frames (see `aname_objects`)."""
         return self._run(self.aname_objects(frames))
 
-    def identify_objects(self, frames: Sequence[str | Path]) -> tuple[str | None, str | None]:
-        """(dynamic object label, static object label) seen in the frames; None where there is none
-        or the endpoint gave no usable answer."""
-        names = self.name_objects(frames)
-        return names.dynamic, names.static
-
     def check_overlays(self, images: Sequence[MentalImage]) -> None:
         """Raise `QuestionDropped` unless every overlay shows the same object (see `acheck_overlays`)."""
         self._run(self.acheck_overlays(images))
@@ -267,12 +259,6 @@ class OpenAIWriter:
             if labels is not None:
                 return ObjectNames(*labels)
         return ObjectNames(None, None, f"{self.config.cot_attempts} replies unusable; last: {reason}")
-
-    async def aidentify_objects(self, frames: Sequence[str | Path]) -> tuple[str | None, str | None]:
-        names = await self.aname_objects(frames)
-        if names.reason:
-            log.warning("object identification gave no usable answer (%s)", names.reason)
-        return names.dynamic, names.static
 
     async def acheck_overlays(self, images: Sequence[MentalImage]) -> None:
         """Ask, with the overlays only, whether each highlights the same object; raise
