@@ -50,6 +50,28 @@ def _samples(tmp: Path, n: int, frames: int, size: int, words: int, images: int)
     return out
 
 
+def _profile(step, split: dict[str, float], cuda: bool, rows: int = 15) -> dict[str, list]:
+    """One more step under torch.profiler: the top CUDA kernels and CPU ops by total time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step(split)
+    events = prof.key_averages()
+    out = {}
+    for kind, attr in (("cuda", "device_time_total"), ("cpu", "self_cpu_time_total")):
+        if kind == "cuda" and not cuda:
+            continue
+        ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:rows]
+        out[kind] = [{"name": e.key[:90], "ms": getattr(e, attr) / 1e3, "calls": e.count} for e in ranked]
+        print(f"\ntop {kind} by total time (one optimizer step):")
+        for e in out[kind]:
+            print(f"{e['ms']:>10.1f} ms {e['calls']:>7}  {e['name']}")
+    del torch
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -61,6 +83,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="micro-batches per optimizer step (the step time covers all of them)")
+    parser.add_argument("--attn", default=None, help="attn_implementation (default: transformers' choice)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step and print the top CUDA kernels and CPU ops")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -80,9 +107,9 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     cfg = DiftConfig(model_dir=args.model, train_jsonl="-", per_device_batch_size=args.batch,
-                     zero_stage=args.zero, gradient_checkpointing=not args.no_gradient_checkpointing,
+                     grad_accum=args.grad_accum, zero_stage=args.zero, gradient_checkpointing=not args.no_gradient_checkpointing,
                      max_frames=args.frames, max_pixels=max(args.frame_size ** 2, 28 * 28))
-    model, processor, ids = load_model_and_processor(cfg, torch.float32)
+    model, processor, ids = load_model_and_processor(cfg, torch.float32, attn_implementation=args.attn)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -101,37 +128,61 @@ def main() -> int:
     tokens = int(batch["attention_mask"].sum())
     patches = int(batch["pixel_values_videos"].shape[0]) + int(batch["pixel_values_latent"].shape[0])
 
-    times = []
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def optimizer_step(split: dict[str, float]):
+        """grad_accum micro-batches then the optimizer step, timed by phase (the host waits for
+        the device between phases, so each phase is its own)."""
+        for _ in range(args.grad_accum):
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = dift_forward(engine.module, batch, ids)
+            sync()
+            t1 = time.perf_counter()
+            engine.backward(out.loss)
+            sync()
+            t2 = time.perf_counter()
+            engine.step()  # applies the optimizer on the last micro-batch only
+            sync()
+            split["forward"] += t1 - t0
+            split["backward"] += t2 - t1
+            split["step"] += time.perf_counter() - t2
+        return out
+
+    times, phases = [], {"forward": 0.0, "backward": 0.0, "step": 0.0}
     for step in range(args.steps + 1):
-        if cuda:
-            torch.cuda.synchronize()
+        split = {k: 0.0 for k in phases}
+        sync()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            out = dift_forward(engine.module, batch, ids)
-        engine.backward(out.loss)
-        engine.step()
-        if cuda:
-            torch.cuda.synchronize()
+        out = optimizer_step(split)
         if step > 0:  # the first step includes allocator and kernel warm-up
             times.append(time.perf_counter() - t0)
+            phases = {k: phases[k] + split[k] / args.steps for k in phases}
+    top = _profile(optimizer_step, {k: 0.0 for k in phases}, cuda) if args.profile else None
     seconds = sum(times) / len(times)
-    flops = 6 * n_train * tokens + 2 * n_vision * patches
+    flops = args.grad_accum * (6 * n_train * tokens + 2 * n_vision * patches)
     name = torch.cuda.get_device_name() if cuda else "cpu"
     peak = _peak(name) if cuda else None
     result = {
         "benchmark": "dift_step", "date": time.strftime("%Y-%m-%d"), "device": name, "args": vars(args),
-        "tokens_per_step": tokens, "vision_patches": patches, "trainable_params": n_train,
-        "vision_params": n_vision, "seconds_per_step": seconds, "tokens_per_s": tokens / seconds,
+        "tokens_per_micro_batch": tokens, "vision_patches": patches, "grad_accum": args.grad_accum,
+        "attn_implementation": engine.module.config._attn_implementation,
+        "phase_seconds": phases, "profile_top": top, "trainable_params": n_train,
+        "vision_params": n_vision, "seconds_per_step": seconds, "tokens_per_s": args.grad_accum * tokens / seconds,
         "tflops": flops / seconds / 1e12, "mfu": (flops / seconds / 1e12 / peak) if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "loss": out.loss.item(),
     }
-    print(f"\nDIFT step on {name}: {tokens} tokens ({patches} vision patches), batch {args.batch}, "
-          f"ZeRO-{args.zero}, grad ckpt {cfg.gradient_checkpointing}")
+    print(f"\nDIFT step on {name}: {tokens} tokens ({patches} vision patches), batch {args.batch} "
+          f"x {args.grad_accum} micro-batches, ZeRO-{args.zero}, grad ckpt {cfg.gradient_checkpointing}, "
+          f"attention {result['attn_implementation']}")
     print(f"{'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "-"
     mem = f"{result['peak_memory_gib']:.1f}" if result["peak_memory_gib"] is not None else "-"
     print(f"{seconds:>8.3f} {result['tokens_per_s']:>10.0f} {result['tflops']:>9.1f} {mfu:>7} {mem:>9}")
+    print("phases (s/step): " + "  ".join(f"{k} {v:.3f}" for k, v in phases.items()))
     write_result("dift_step", name, result, args.out)
     return 0
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from report import write_result  # benchmarks/report.py (scripts run from benchmarks/)
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("time/generate", "time/reward", "time/train", "time/sync", "time/step")
+PHASES = ("time/generate", "time/reward", "time/train", "time/wake", "time/sync", "time/step")
 
 
 def _synthetic_jsonl(root: Path, n: int) -> Path:
@@ -78,7 +78,9 @@ def main() -> int:
               "num_generations": cfg.num_generations, "max_tokens": cfg.max_tokens,
               "num_learners": cfg.num_learners, "num_rollouts": cfg.num_rollouts,
               "mean_completion_length": statistics.mean(s["completion_length/mean"] for s in warm),
-              "weight_sync": cfg.weight_sync, "colocate": cfg.colocate,
+              "weight_sync": cfg.weight_sync, "colocate": cfg.colocate, "micro_batch_size": cfg.micro_batch_size,
+              "sync_phases": {k.removeprefix("sync/"): statistics.mean(s.get(k, float("nan")) for s in warm)
+                              for k in warm[-1] if k.startswith("sync/")},
               "sync_bytes": warm[-1].get("sync_bytes"),
               "sync_bytes_per_s": statistics.mean([s["sync_bytes"] / s["sync_s"] for s in warm if s.get("sync_s")]
                                                   or [float("nan")]),

@@ -139,6 +139,10 @@ def main() -> int:
               # the slowest receiver: buckets in (transfer + layerwise load), then reload end + cache resets
               "receiver_load_s": statistics.median(r["sync_receiver_load_s"] for r in runs),
               "receiver_finish_s": statistics.median(r["sync_receiver_finish_s"] for r in runs),
+              # median seconds per phase: sender/* on learner rank 0, receiver/* on the slowest engine
+              # (*_worker_s inside the vLLM worker; the rest of an RPC's time is the RPC's own)
+              "phases": {k.removeprefix("sync/"): statistics.median(r[k] for r in runs)
+                         for k in runs[0] if k.startswith("sync/")},
               "plain_broadcast_s": probe, "plain_broadcast_bytes_per_s": nbytes / probe if probe else None,
               "share_of_plain_broadcast": probe / median if probe else None,
               "logprob_gap_stale": gap_stale, "logprob_gap_synced": gap_synced}
@@ -150,6 +154,7 @@ def main() -> int:
     plain = f"{nbytes / probe / 1e9:>11.2f}" if probe else f"{'-':>11}"
     print(f"{median:>9.3f} {result['receiver_load_s']:>7.3f} {result['receiver_finish_s']:>8.3f} "
           f"{first['sync_s']:>8.3f} {nbytes / median / 1e9:>7.2f} {plain} {gap_stale:>10.4f} {gap_synced:>11.4f}")
+    print("phases (median s): " + "  ".join(f"{k} {v:.4f}" for k, v in result["phases"].items()))
     write_result("weight_sync", device, result, args.out)
     learner.shutdown()
     ray.shutdown()

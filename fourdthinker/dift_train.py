@@ -58,15 +58,16 @@ def _trainable_params(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def load_model_and_processor(cfg: DiftConfig, dtype: torch.dtype):
+def load_model_and_processor(cfg: DiftConfig, dtype: torch.dtype, attn_implementation: str | None = None):
     """The base model with latent tokens (added if missing) and its vision tower frozen."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from fourdthinker.tokens import add_latent_tokens
 
     processor = AutoProcessor.from_pretrained(cfg.model_dir, local_files_only=True)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg.model_dir, local_files_only=True,
-                                                               dtype=dtype)
+                                                               dtype=dtype, **extra)
     ids = add_latent_tokens(processor, model, latent_size=cfg.latent_size)
     model.model.visual.requires_grad_(False)
     model.model.visual.eval()

@@ -25,7 +25,7 @@ import pickle
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Protocol, Sequence, get_args
 
 import torch
@@ -44,6 +44,9 @@ class SyncStats:
     # the slowest receiver's split: buckets in (transfer + load) and the close (reload end, caches)
     receiver_load_s: float = float("nan")
     receiver_finish_s: float = float("nan")
+    # finer split: "sender/<phase>" on learner rank 0, "receiver/<phase>" of that slowest receiver
+    # (`RolloutWorker.finish_weight_update`'s "phases")
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 class WeightSync(Protocol):
@@ -51,13 +54,17 @@ class WeightSync(Protocol):
         ...
 
 
-def _stats(receipts: Sequence[dict], version: int, nbytes: int, start: float, num_buckets: int) -> SyncStats:
+def _stats(receipts: Sequence[dict], version: int, nbytes: int, start: float, num_buckets: int,
+           sender: dict[str, float] | None = None) -> SyncStats:
     """Check every rollout took `version`; the sync's figures with the slowest receiver's split."""
     versions = [r["version"] for r in receipts]
     if any(v != version for v in versions):
         raise RuntimeError(f"rollout actors report weight versions {versions}, expected {version}")
+    slowest = max(receipts, key=lambda r: r["load_s"] + r["finish_s"])
     return SyncStats(nbytes, time.perf_counter() - start, num_buckets,
-                     max(r["load_s"] for r in receipts), max(r["finish_s"] for r in receipts))
+                     max(r["load_s"] for r in receipts), max(r["finish_s"] for r in receipts),
+                     {**{f"sender/{k}": v for k, v in (sender or {}).items()},
+                      **{f"receiver/{k}": v for k, v in slowest.get("phases", {}).items()}})
 
 
 # -- process groups of their own ---------------------------------------------------------------------
@@ -84,18 +91,26 @@ def broadcast(group, tensor: torch.Tensor, src: int = 0) -> None:
     group.broadcast([tensor], opts).wait()
 
 
-def receive_buckets(group, layouts: Sequence[BucketLayout], device: torch.device, load) -> int:
+def receive_buckets(group, layouts: Sequence[BucketLayout], device: torch.device, load) -> dict[str, float]:
     """Receiver side of `CollectiveWeightSync`: per layout, a buffer on `device`, the broadcast into
-    it, and `load(named_tensors)` on views of it. Returns the bytes received."""
-    total = 0
+    it, and `load(named_tensors)` on views of it. Returns the bytes received and the seconds spent
+    in the broadcasts (waiting for the sender included) and in loading."""
+    cuda = device.type == "cuda"
+    total, transfer_s, load_s = 0, 0.0, 0.0
     for layout in layouts:
+        start = time.perf_counter()
         flat = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
         broadcast(group, flat)
+        if cuda:  # a NCCL wait only orders the stream; the split needs the host to wait too
+            torch.cuda.synchronize(device)
+        received = time.perf_counter()
         load(unpack(layout, flat))
+        if cuda:
+            torch.cuda.synchronize(device)
+        transfer_s += received - start
+        load_s += time.perf_counter() - received
         total += flat.numel()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return total
+    return {"bytes": float(total), "transfer_s": transfer_s, "load_s": load_s}
 
 
 # -- the transports ----------------------------------------------------------------------------------
@@ -154,12 +169,20 @@ class CollectiveWeightSync:
         layouts, tensors = plan_named(named, self.bucket_bytes)
         self._ensure_group(rollouts)
         received = [r.receive_weights.remote([layout.to_wire() for layout in layouts], version) for r in rollouts]
+        sender = {"plan_s": time.perf_counter() - start, "pack_s": 0.0, "send_s": 0.0}
         nbytes = 0
         for layout in layouts:
+            t0 = time.perf_counter()
             flat = pack(layout, [tensors[n] for n in layout.names], self.device)
+            t1 = time.perf_counter()
             broadcast(self.group, flat)
+            sender["pack_s"] += t1 - t0
+            sender["send_s"] += time.perf_counter() - t1
             nbytes += flat.numel()
-        return _stats(ray.get(received), version, nbytes, start, len(layouts))
+        t2 = time.perf_counter()
+        receipts = ray.get(received)
+        sender["wait_s"] = time.perf_counter() - t2
+        return _stats(receipts, version, nbytes, start, len(layouts), sender)
 
     def probe(self, rollouts: Sequence[Any], nbytes: int, bucket_bytes: int | None = None) -> float:
         """Seconds for a plain broadcast of `nbytes` (in buckets of `bucket_bytes`) over the same
@@ -196,19 +219,27 @@ class CudaIpcWeightSync:
 
         start = time.perf_counter()
         layouts, tensors = plan_named(named, self.bucket_bytes)
+        t0 = time.perf_counter()
         ray.get([r.begin_weight_update.remote(list(tensors)) for r in rollouts])
+        sender = {"plan_s": t0 - start, "begin_s": time.perf_counter() - t0, "pack_s": 0.0, "load_s": 0.0}
         nbytes = 0
         for layout in layouts:
+            t0 = time.perf_counter()
             flat = pack(layout, [tensors[n] for n in layout.names], self.device)
             torch.cuda.synchronize(self.device)  # the bytes are there before another process reads them
             _, args = reduce_tensor(flat)
             handle = pickle.dumps(args)
+            t1 = time.perf_counter()
             ray.get([r.load_bucket_ipc.remote(layout.to_wire(), handle) for r in rollouts])
+            sender["pack_s"] += t1 - t0
+            sender["load_s"] += time.perf_counter() - t1
             nbytes += flat.numel()
             del flat  # the receivers have copied out of it
+        t0 = time.perf_counter()
         receipts = ray.get([r.finish_weight_update.remote(version) for r in rollouts])
         torch.cuda.ipc_collect()  # give back the blocks other processes mapped
-        return _stats(receipts, version, nbytes, start, len(layouts))
+        sender["finish_s"] = time.perf_counter() - t0
+        return _stats(receipts, version, nbytes, start, len(layouts), sender)
 
 
 def open_ipc_bucket(handle: bytes, device: torch.device) -> torch.Tensor:

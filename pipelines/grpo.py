@@ -195,6 +195,7 @@ def train(cfg: GrpoConfig) -> dict[str, float]:
             t3 = time.perf_counter()
             if on_gpu_colocated:
                 ray.get([r.wake.remote() for r in rollouts])
+            t3_woken = time.perf_counter()
             sync_metrics: dict[str, float] = {}
             if train_metrics["optimizer_steps"] > 0:
                 version = step + 1
@@ -205,7 +206,8 @@ def train(cfg: GrpoConfig) -> dict[str, float]:
             metrics = {"step": float(step), "weight_version": float(version), **rollout_metrics(groups, scores, latent_ids),
                        **train_metrics, **sync_metrics, "rows_untrainable": float((~rows.trainable).sum()),
                        "prompts_failed": float(len(load_errors)), "time/generate": t1 - t0,
-                       "time/reward": t2 - t1, "time/train": t3 - t2, "time/sync": t4 - t3, "time/step": t4 - t0}
+                       "time/reward": t2 - t1, "time/train": t3 - t2, "time/wake": t3_woken - t3,
+                       "time/sync": t4 - t3_woken, "time/step": t4 - t0}
             metrics_log.write(metrics)
             if progress is not None:
                 progress.update(1)

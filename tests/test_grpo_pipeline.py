@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 METRICS = ["reward/accuracy/mean", "reward/accuracy/std", "reward/format/mean", "reward/format/std",
            "reward/total/mean", "accuracy", "format_rate", "completion_length/mean", "latent_blocks/mean",
            "kl", "clip_fraction", "logprob_gap/max", "logprob_gap/mean", "time/generate", "time/reward",
-           "time/train", "time/sync", "loss", "weight_version"]
+           "time/train", "time/wake", "time/sync", "loss", "weight_version"]
 
 
 def _pipeline():

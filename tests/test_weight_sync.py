@@ -109,6 +109,14 @@ def test_collective_sync_lands_the_learner_weights_in_every_engine_and_survives_
     assert sync["sync_bytes"] == sum(layout.total_bytes for layout in sent)
     assert sync["sync_buckets"] == len(sent) > 1
     assert sync["sync_receiver_load_s"] > 0 and sync["sync_receiver_finish_s"] > 0
+    # The phase split: each RPC's wall time holds its work in the worker, and the parts fit the whole.
+    phase = {k.removeprefix("sync/"): v for k, v in sync.items() if k.startswith("sync/")}
+    assert phase["receiver/begin_s"] >= phase["receiver/begin_worker_s"] > 0
+    assert phase["receiver/end_s"] >= phase["receiver/end_worker_s"] > 0
+    assert phase["receiver/receive_s"] >= phase["receiver/receive_transfer_s"] + phase["receiver/receive_load_s"]
+    assert phase["receiver/begin_s"] + phase["receiver/receive_s"] <= sync["sync_receiver_load_s"]
+    assert phase["receiver/end_s"] + phase["receiver/reset_caches_s"] <= sync["sync_receiver_finish_s"]
+    assert sum(phase[f"sender/{k}"] for k in ("plan_s", "pack_s", "send_s", "wait_s")) <= sync["sync_s"]
     assert max(_gaps(ray, group, rollouts, config)) < 1e-3
     first_tokens = ray.get([r.weight_group_token.remote() for r in rollouts])
     assert first_tokens[0] == first_tokens[1] is not None

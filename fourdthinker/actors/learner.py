@@ -255,7 +255,8 @@ class LearnerWorker:
             return {}
         stats = self.sync.push(named, list(rollouts), version)
         return {"sync_bytes": float(stats.bytes), "sync_s": stats.seconds, "sync_buckets": float(stats.num_buckets),
-                "sync_receiver_load_s": stats.receiver_load_s, "sync_receiver_finish_s": stats.receiver_finish_s}
+                "sync_receiver_load_s": stats.receiver_load_s, "sync_receiver_finish_s": stats.receiver_finish_s,
+                **{f"sync/{k}": v for k, v in stats.phases.items()}}
 
     def probe_weight_sync(self, rollouts: Sequence[Any], nbytes: int) -> float:
         """Seconds for a plain broadcast of `nbytes` over the weight group (rank 0; collective only)."""

@@ -38,34 +38,48 @@ class RolloutWorker:
         return out
 
     # -- weights (see fourdthinker/weight_sync.py for the sender side) ----------------------------
+    def _rpc(self, phase: str, method: str, *args):
+        """One collective_rpc into the engine's workers, its wall time kept under `phase`; what the
+        workers report of their own time shows the rest is the RPC's."""
+        start = time.perf_counter()
+        out = self.generator.llm.collective_rpc(method, args=args)
+        self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - start
+        return out
+
     def begin_weight_update(self, names: Sequence[str] | None = None) -> None:
         """Open an update of the parameters `names` (HF names; None: all of them)."""
         self._update_started = time.perf_counter()
-        self.generator.llm.collective_rpc("bucket_update_begin", args=(list(names) if names is not None else None,))
+        self._phases: dict[str, float] = {}
+        worker = self._rpc("begin_s", "bucket_update_begin", list(names) if names is not None else None)
+        self._phases["begin_worker_s"] = max(worker)
 
-    def finish_weight_update(self, version: int) -> dict[str, float]:
+    def finish_weight_update(self, version: int) -> dict[str, Any]:
         """Close the update, then drop what belongs to the old weights: cached KV blocks (and so
         the latent vectors they imply) and cached vision-encoder outputs of recurring videos.
-        Returns the new version and where the time went (to see a slow sync's cause)."""
+        Returns the new version and where the time went (to see a slow sync's cause): `load_s`
+        from begin to here, `finish_s` for the close, and `phases`, the finer split."""
         llm = self.generator.llm
         loaded = time.perf_counter()
-        llm.collective_rpc("bucket_update_end")
+        self._phases["end_worker_s"] = max(self._rpc("end_s", "bucket_update_end"))
+        start = time.perf_counter()
         llm.reset_prefix_cache()
         llm.llm_engine.reset_encoder_cache()
+        self._phases["reset_caches_s"] = time.perf_counter() - start
         self.version = int(version)
         done = time.perf_counter()
-        return {"version": self.version, "load_s": loaded - self._update_started, "finish_s": done - loaded}
+        return {"version": self.version, "load_s": loaded - self._update_started, "finish_s": done - loaded,
+                "phases": dict(self._phases)}
 
-    def update_weights(self, buckets: Sequence[WeightBucket], version: int) -> dict[str, float]:
+    def update_weights(self, buckets: Sequence[WeightBucket], version: int) -> dict[str, Any]:
         """Load a new weight version from host-memory buckets (`ObjectStoreWeightSync`)."""
         self.begin_weight_update([n for b in buckets for n in b.names])
         for bucket in buckets:
-            self.generator.llm.collective_rpc("load_weight_bucket", args=bucket.to_wire())
+            self._rpc("receive_s", "load_weight_bucket", *bucket.to_wire())
         return self.finish_weight_update(version)
 
     def load_bucket_ipc(self, layout, handle: bytes) -> int:
         """One bucket from a learner on the same GPU (`CudaIpcWeightSync`)."""
-        return self.generator.llm.collective_rpc("load_weight_bucket_ipc", args=(layout, handle))[0]
+        return self._rpc("receive_s", "load_weight_bucket_ipc", layout, handle)[0]
 
     def num_weight_receivers(self) -> int:
         """vLLM workers of this engine: each joins the weight group (tensor parallel shards load
@@ -82,10 +96,12 @@ class RolloutWorker:
     def weight_group_token(self) -> str | None:
         return self.weight_token
 
-    def receive_weights(self, layouts: list, version: int) -> dict[str, float]:
+    def receive_weights(self, layouts: list, version: int) -> dict[str, Any]:
         """Every bucket of one sync, broadcast by learner rank 0 (`CollectiveWeightSync`)."""
         self.begin_weight_update([n for names, _, _ in layouts for n in names])
-        self.generator.llm.collective_rpc("weight_group_receive", args=(layouts,))
+        worker = self._rpc("receive_s", "weight_group_receive", layouts)
+        self._phases["receive_transfer_s"] = max(w["transfer_s"] for w in worker)
+        self._phases["receive_load_s"] = max(w["load_s"] for w in worker)
         return self.finish_weight_update(version)
 
     def probe_weight_group(self, sizes: list[int]) -> int:

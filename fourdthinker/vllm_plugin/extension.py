@@ -5,6 +5,8 @@ Called through `LLM.collective_rpc` (in-process, multiprocess and Ray executors 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 SUPPORTED_VLLM = ("0.26.",)
@@ -68,14 +70,17 @@ class LatentWorkerExtension:
     # Kernels may repack weights after loading (the CPU backend does), so a plain load_weights on a
     # running model can miss; vLLM's layerwise reload restores the checkpoint layout first and
     # re-processes each layer once its weights are in, as its own NCCL weight-transfer engine does.
-    def bucket_update_begin(self, names: list[str] | None = None) -> None:
+    def bucket_update_begin(self, names: list[str] | None = None) -> float:
         """Start a reload of the sub-models that own `names` (checkpoint names; None: the whole
-        model). A frozen vision tower is never sent, and so never torn down and rebuilt either."""
+        model). A frozen vision tower is never sent, and so never torn down and rebuilt either.
+        Returns the seconds it took in this worker."""
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        start = time.perf_counter()
         self._reloading = self._modules_owning(names)
         for module in self._reloading:
             initialize_layerwise_reload(module)
+        return time.perf_counter() - start
 
     def _modules_owning(self, names: list[str] | None) -> list[torch.nn.Module]:
         model = self.model_runner.get_model()
@@ -116,8 +121,9 @@ class LatentWorkerExtension:
         self._weight_group = open_group(host, port, rank, world_size, backend)
         return rank
 
-    def weight_group_receive(self, layouts) -> int:
-        """Receive every bucket of one sync (call between bucket_update_begin and _end)."""
+    def weight_group_receive(self, layouts) -> dict[str, float]:
+        """Receive every bucket of one sync (call between bucket_update_begin and _end).
+        Returns bytes and this worker's split: waiting on the broadcasts vs loading."""
         from fourdthinker.weight_sync import receive_buckets
         from fourdthinker.weights import BucketLayout
 
@@ -141,12 +147,17 @@ class LatentWorkerExtension:
             raise RuntimeError("this worker has not joined a weight group: call weight_group_join first")
         return group
 
-    def bucket_update_end(self) -> None:
+    def bucket_update_end(self) -> float:
+        """Finish the reload; returns the seconds it took in this worker."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+        start = time.perf_counter()
         for module in getattr(self, "_reloading", None) or [self.model_runner.get_model()]:
             finalize_layerwise_reload(module, self.model_runner.vllm_config.model_config)
         self._reloading = None
+        if self.model_runner.device.type == "cuda":
+            torch.cuda.synchronize(self.model_runner.device)
+        return time.perf_counter() - start
 
     def weights_checksums(self) -> dict[str, float]:
         """float64 sum per parameter (vLLM names): to check a sync landed everywhere."""

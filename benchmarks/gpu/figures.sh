@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU figures of the README's performance table, on the lent GPU machine (the `device` tool),
+# from the repository root, once the staged parts are in /tmp/asm (../shared/tools/device-stage.sh):
+#
+#   bash benchmarks/gpu/figures.sh sync_colocated grpo_1gpu     # any of the steps below, in order
+#
+# Each step writes its JSON to $OUT (default /tmp/out). The machine keeps /tmp only while warm, so
+# the set-up (unpack, build the 3B-shape model) re-runs when it finds nothing.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/site
+if [ ! -d /tmp/site/vllm ]; then
+  cat /tmp/asm/part* | xz -d -T16 | tar -x -C /tmp/site || exit 1
+fi
+source benchmarks/gpu/env.sh
+# FlashInfer's sampler JIT-compiles for minutes on a fresh machine; the PyTorch sampler needs none.
+export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+GPU=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1])")  # H100 / H200
+[ -f /tmp/qwen3b/config.json ] || python -m fourdthinker tiny-model --shape 3b --out /tmp/qwen3b || exit 1
+
+step() { echo "== $1 ($(date +%T))"; }
+
+sync_colocated() {  # issue 9: learner and engine on one GPU, weights over CUDA IPC
+  step sync_colocated
+  (cd benchmarks && python weight_sync.py --model /tmp/qwen3b --colocate --gpu-memory-utilization 0.25 \
+     --out "$OUT/weight_sync-$GPU-3b-cuda_ipc.json")
+}
+
+grpo_1gpu() {  # issue 9: the colocated pipeline (engine sleeps while the learner trains)
+  step grpo_1gpu
+  (cd benchmarks && python grpo_step.py --config ../configs/3b/grpo_1gpu.yaml --steps 3 model_dir=/tmp/qwen3b \
+     --out "$OUT/grpo_step-$GPU-3b-1gpu.json")
+}
+
+rollout() {  # issue 4: HF reference vs plugin vs plain vLLM
+  step rollout
+  (cd benchmarks && python rollout.py --model /tmp/qwen3b --prompts 64 --prompt-tokens 256 --new-tokens 512 \
+     --out "$OUT/rollout-$GPU-3b.json")
+}
+
+dift() {  # issue 3: one DIFT step at the 3B shape; extra arguments pass through
+  local tag=$1; shift
+  step "dift $tag"
+  (cd benchmarks && python dift_step.py --model /tmp/qwen3b --frames 16 --frame-size 448 --text-words 1500 \
+     --steps 3 "$@" --out "$OUT/dift_step-$GPU-3b-$tag.json")
+}
+
+for s in "$@"; do
+  case $s in
+    dift:*) IFS=: read -r _ tag rest <<< "$s"; dift "$tag" ${rest//,/ } ;;
+    *) "$s" ;;
+  esac
+done
