@@ -85,7 +85,9 @@ def main() -> int:
     parser.add_argument("--no-gradient-checkpointing", action="store_true")
     parser.add_argument("--grad-accum", type=int, default=1,
                         help="micro-batches per optimizer step (the step time covers all of them)")
-    parser.add_argument("--attn", default=None, help="attn_implementation (default: transformers' choice)")
+    parser.add_argument("--attn", default=None, help="the language model's attn_implementation")
+    parser.add_argument("--per-window-vision-attention", action="store_true",
+                        help="transformers' one attention call per vision window (the comparison)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step and print the top CUDA kernels and CPU ops")
     parser.add_argument("--out", default=None)
@@ -109,7 +111,8 @@ def main() -> int:
     cfg = DiftConfig(model_dir=args.model, train_jsonl="-", per_device_batch_size=args.batch,
                      grad_accum=args.grad_accum, zero_stage=args.zero, gradient_checkpointing=not args.no_gradient_checkpointing,
                      max_frames=args.frames, max_pixels=max(args.frame_size ** 2, 28 * 28))
-    model, processor, ids = load_model_and_processor(cfg, torch.float32, attn_implementation=args.attn)
+    model, processor, ids = load_model_and_processor(cfg, torch.float32, attn_implementation=args.attn,
+                                                     window_attention=not args.per_window_vision_attention)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -169,6 +172,8 @@ def main() -> int:
         "benchmark": "dift_step", "date": time.strftime("%Y-%m-%d"), "device": name, "args": vars(args),
         "tokens_per_micro_batch": tokens, "vision_patches": patches, "grad_accum": args.grad_accum,
         "attn_implementation": engine.module.config._attn_implementation,
+        "vision_attn_implementation": engine.module.config.vision_config._attn_implementation,
+        "gradient_checkpointing": engine.module.is_gradient_checkpointing,
         "phase_seconds": phases, "profile_top": top, "trainable_params": n_train,
         "vision_params": n_vision, "seconds_per_step": seconds, "tokens_per_s": args.grad_accum * tokens / seconds,
         "tflops": flops / seconds / 1e12, "mfu": (flops / seconds / 1e12 / peak) if peak else None,
@@ -177,7 +182,7 @@ def main() -> int:
     }
     print(f"\nDIFT step on {name}: {tokens} tokens ({patches} vision patches), batch {args.batch} "
           f"x {args.grad_accum} micro-batches, ZeRO-{args.zero}, grad ckpt {cfg.gradient_checkpointing}, "
-          f"attention {result['attn_implementation']}")
+          f"attention {result['attn_implementation']} / vision {result['vision_attn_implementation']}")
     print(f"{'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "-"
     mem = f"{result['peak_memory_gib']:.1f}" if result["peak_memory_gib"] is not None else "-"

@@ -64,7 +64,7 @@ def main() -> int:
         root = Path(tmp)
         defaults = [f"model_dir={build_tiny_model(root / 'model')}", f"train_jsonl={_synthetic_jsonl(root, 8)}"]
         cfg = load_config(GrpoConfig, args.config, defaults + [f"output_dir={root / 'runs'}", f"max_steps={args.steps}",
-                                                               "checkpoint_every=0", "progress_bar=false",
+                                                               "save_checkpoints=false", "progress_bar=false",
                                                                "tensorboard=false"] + args.overrides)
         import ray
 

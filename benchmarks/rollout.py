@@ -50,13 +50,10 @@ def run_engine(engine: str, args) -> dict:
     cuda = torch.cuda.is_available()
 
     if engine == "hf":
-        from transformers import Qwen2_5_VLForConditionalGeneration
+        from fourdthinker.model import generate_latent, load_model
 
-        from fourdthinker.model import generate_latent
-
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            args.model, local_files_only=True, dtype=torch.bfloat16 if cuda else torch.float32,
-            attn_implementation="sdpa").to("cuda" if cuda else "cpu").eval()
+        model = load_model(args.model, torch.bfloat16 if cuda else torch.float32,
+                           attn_implementation="sdpa").to("cuda" if cuda else "cpu").eval()
         device = next(model.parameters()).device
         inputs = {"input_ids": torch.tensor(prompts, device=device),
                   "attention_mask": torch.ones(len(prompts), args.prompt_tokens, dtype=torch.long, device=device)}

@@ -58,16 +58,16 @@ def _trainable_params(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def load_model_and_processor(cfg: DiftConfig, dtype: torch.dtype, attn_implementation: str | None = None):
+def load_model_and_processor(cfg: DiftConfig, dtype: torch.dtype, attn_implementation: str | None = None,
+                             window_attention: bool = True):
     """The base model with latent tokens (added if missing) and its vision tower frozen."""
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoProcessor
 
+    from fourdthinker.model import load_model
     from fourdthinker.tokens import add_latent_tokens
 
     processor = AutoProcessor.from_pretrained(cfg.model_dir, local_files_only=True)
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg.model_dir, local_files_only=True,
-                                                               dtype=dtype, **extra)
+    model = load_model(cfg.model_dir, dtype, attn_implementation, window_attention)
     ids = add_latent_tokens(processor, model, latent_size=cfg.latent_size)
     model.model.visual.requires_grad_(False)
     model.model.visual.eval()

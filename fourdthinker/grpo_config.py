@@ -74,6 +74,7 @@ class GrpoConfig:
     weight_sync: str = "auto"
     weight_bucket_mb: int = 256
     checkpoint_every: int = 50  # steps; 0: only at the end
+    save_checkpoints: bool = True  # false: none at all, not even the final one (benchmarks, dry runs)
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress_bar: bool = True

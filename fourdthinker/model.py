@@ -30,6 +30,23 @@ _VISION_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "
                 "image_grid_thw")
 
 
+def load_model(model_dir, dtype: torch.dtype, attn_implementation: str | None = None,
+               window_attention: bool = True):
+    """A local Qwen2.5-VL checkpoint, its vision tower on one-call window attention
+    (`fourdthinker.vision_attention`; `window_attention=False` keeps transformers' per-window
+    calls, for comparison). `attn_implementation` picks the language model's (default: transformers')."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from fourdthinker.vision_attention import use_window_attention
+
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, local_files_only=True, dtype=dtype,
+                                                               **extra)
+    if window_attention:
+        use_window_attention(model)
+    return model
+
+
 def freeze_vision_tower(model) -> None:
     """Freeze the ViT + merger (DIFT trains the language model only)."""
     model.model.visual.requires_grad_(False)

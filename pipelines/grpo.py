@@ -213,7 +213,8 @@ def train(cfg: GrpoConfig) -> dict[str, float]:
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics['reward/total/mean']:.3f}", kl=f"{metrics['kl']:.4f}",
                                      gap=f"{metrics['logprob_gap/max']:.1e}")
-            if step == cfg.max_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            if cfg.save_checkpoints and (step == cfg.max_steps
+                                         or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                 save_checkpoint(learner, run_dir, step, cfg)
     finally:
         metrics_log.close()
@@ -231,7 +232,7 @@ def train(cfg: GrpoConfig) -> dict[str, float]:
     if last is not None:
         final = run_dir / "final"
         shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(last / "hf", final)
+        shutil.copytree(last / "hf", final, copy_function=os.link)  # links: no second copy of the weights
     return metrics
 
 

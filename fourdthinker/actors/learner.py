@@ -74,9 +74,9 @@ class LearnerWorker:
     # -- set-up ------------------------------------------------------------------------------------
     def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
         import deepspeed
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoProcessor
 
-        from fourdthinker.model import freeze_vision_tower
+        from fourdthinker.model import freeze_vision_tower, load_model
         from fourdthinker.tokens import LatentIds
 
         cfg = self.cfg
@@ -91,8 +91,7 @@ class LearnerWorker:
         self.bf16 = on_gpu if cfg.bf16 is None else cfg.bf16
 
         self.processor = AutoProcessor.from_pretrained(cfg.model_dir, local_files_only=True)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(cfg.model_dir, local_files_only=True,
-                                                                   dtype=torch.float32)
+        model = load_model(cfg.model_dir, torch.float32)
         self.latent_ids = LatentIds.from_config(model.config)
         if cfg.freeze_vision_tower:
             freeze_vision_tower(model)
@@ -101,9 +100,7 @@ class LearnerWorker:
         self.reference = None
         if cfg.beta > 0:
             # The frozen reference is the starting policy, also after a resume.
-            self.reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                cfg.model_dir, local_files_only=True,
-                dtype=torch.bfloat16 if self.bf16 else torch.float32).to(self.device)
+            self.reference = load_model(cfg.model_dir, torch.bfloat16 if self.bf16 else torch.float32).to(self.device)
             self.reference.eval().requires_grad_(False)
 
         self.grad_accum = cfg.rows_per_step // (self.world_size * cfg.micro_batch_size)

@@ -12,6 +12,7 @@ and writes their masks as 1-bit PNGs with per-frame boxes and areas. Rows carry 
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -293,26 +294,60 @@ def link_detections(scores: np.ndarray, masks: np.ndarray, threshold: float) -> 
     return track
 
 
+def write_byte_level_bpe(path: str | Path) -> Path:
+    """Write a CLIP-format BPE vocabulary (a gzipped merges list under one header line) holding no
+    merges, so the `sam3` tokenizer encodes text byte by byte: 256 byte symbols, their 256
+    end-of-word forms and the two special tokens, all ids below the text encoder's vocabulary size.
+    A stand-in for random weights, which read no meaning into tokens; trained weights need the
+    vocabulary they were trained with."""
+    path = Path(path)
+    with gzip.open(path, "wt", encoding="utf-8") as vocab:
+        vocab.write("#version: 0.2")  # the header line the tokenizer skips; no merge lines follow
+    return path
+
+
 class Sam3PackageSegmenter:
     """The `sam3` package's video model on GPU: concept (text) detection on the first frame, then
     SAM3's memory tracker propagates every detected instance through the clip. Of the instances a
     prompt finds, the track keeps the one with the highest mean probability over the clip.
 
     `checkpoint` is a local file; "" builds random weights at the real size (benchmarks only: the
-    package would otherwise download from the Hub). The package hard-codes CUDA, so this backend
-    runs only where a GPU is visible. UNTESTED here (no GPU on the development machines).
+    package would otherwise download from the Hub), tokenising prompts with `write_byte_level_bpe`'s
+    vocabulary unless `bpe_path` names the real one. The package hard-codes CUDA, so this backend
+    runs only where a GPU is visible; `benchmarks/gpu/sam3_smoke.py` exercises it there.
     """
 
     def __init__(self, cfg: SegmenterConfig):
+        import tempfile
+
         import torch
         from sam3.model_builder import build_sam3_video_model
 
         if not torch.cuda.is_available():
             raise RuntimeError("segmenter.backend=sam3 needs a CUDA GPU (the sam3 package hard-codes cuda); "
                                "use backend=transformers on CPU")
+        if cfg.bpe_path and not Path(cfg.bpe_path).is_file():
+            raise FileNotFoundError(f"segmenter.bpe_path {cfg.bpe_path}: no such file; point it at CLIP's "
+                                    "bpe_simple_vocab_16e6.txt.gz")
         self.threshold = cfg.score_threshold
-        self.model = build_sam3_video_model(checkpoint_path=cfg.checkpoint or None,
-                                            load_from_HF=False, device=cfg.device or "cuda").eval()
+        # The tokenizer reads its vocabulary once, while the model is built: a stand-in may be temporary.
+        with tempfile.TemporaryDirectory(prefix="sam3-bpe-") as scratch:
+            if cfg.bpe_path:
+                bpe_path = cfg.bpe_path
+            elif cfg.checkpoint:
+                bpe_path = None  # the package's default: its assets/ folder, present in source checkouts
+            else:
+                bpe_path = str(write_byte_level_bpe(Path(scratch) / "byte_level_bpe.txt.gz"))
+            try:
+                model = build_sam3_video_model(checkpoint_path=cfg.checkpoint or None, load_from_HF=False,
+                                               bpe_path=bpe_path, device=cfg.device or "cuda")
+            except FileNotFoundError as err:
+                if bpe_path is not None:
+                    raise
+                raise FileNotFoundError(f"{err}. Trained SAM3 weights need CLIP's BPE vocabulary, which the "
+                                        "PyPI sam3 wheel does not ship: set segmenter.bpe_path to "
+                                        "bpe_simple_vocab_16e6.txt.gz") from err
+        self.model = model.eval()
 
     def segment(self, clip: ClipFrames, prompts: Sequence[str]) -> list[Track]:
         import tempfile
@@ -323,11 +358,13 @@ class Sam3PackageSegmenter:
             # The package reads a JPEG folder whose file stems are frame numbers.
             for index, frame in enumerate(clip.frames):
                 Image.fromarray(frame).save(Path(frames_dir) / f"{index:05d}.jpg", quality=95)
-            with torch.inference_mode():
+            # The package computes in bf16 autocast, which its tracker enters when built, for that thread
+            # only: entering it here keeps calls from any other thread (an actor's executor) in bf16 too.
+            with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                 state = self.model.init_state(resource_path=frames_dir)
                 tracks = []
                 for prompt in prompts:
-                    self.model.reset_state(state)
+                    # A text prompt starts the state over (add_prompt resets it), keeping the loaded frames.
                     self.model.add_prompt(inference_state=state, frame_idx=0, text_str=prompt)
                     per_frame = {index: outputs for index, outputs in self.model.propagate_in_video(
                         inference_state=state, start_frame_idx=0, max_frame_num_to_track=None, reverse=False)}

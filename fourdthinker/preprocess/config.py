@@ -26,6 +26,9 @@ class SegmenterConfig:
     backend: SegmenterBackend = "sam3"
     # sam3: a local checkpoint file ("" = random weights at real size, for benchmarks only).
     checkpoint: str = ""
+    # sam3: CLIP's BPE vocabulary (bpe_simple_vocab_16e6.txt.gz), which the PyPI wheel does not ship.
+    # "" = the package's own copy (source checkouts) with a checkpoint; a byte-level stand-in without.
+    bpe_path: str = ""
     # transformers: a local dir holding a saved `Sam3Model` and `Sam3Processor` ("" = build a
     # random model of `transformers_size`, for tests and the demo).
     model_dir: str = ""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from vllm import SamplingParams
+from vllm.utils.torch_utils import async_tensor_h2d
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 FORCE_PAD, FORCE_END, FORCE_START = 1, 2, 3
@@ -117,14 +118,16 @@ class LatentLogitsProcessor(LogitsProcessor):
         index = np.fromiter((i for i, _ in forced), dtype=np.int64, count=len(forced))
         kind = np.fromiter((d for _, d in forced), dtype=np.int64, count=len(forced))
         token = np.choose(kind - 1, [state.pad_id, state.end_id, state.start_id])
-        rows_t = torch.as_tensor(index, device=logits.device)
+        # Pinned, non-blocking copies: a blocking one would stall the host on the GPU every step
+        # and undo vLLM's overlap of scheduling with the forward (async scheduling).
+        rows_t = async_tensor_h2d(index, logits.device, torch.long)
         logits[rows_t] = float("-inf")
-        logits[rows_t, torch.as_tensor(token, device=logits.device)] = 0.0
+        logits[rows_t, async_tensor_h2d(token, logits.device, torch.long)] = 0.0
         pad_rows = index[kind == FORCE_PAD]
         if len(pad_rows) and hidden is not None:
             rows = [self.rows[i] for i in pad_rows.tolist()]
             # The pad sampled now sits at position len(prompt) + len(output); its input is the
             # hidden state this step produced for the position before it.
-            state.record(hidden, pad_rows, [r.key for r in rows],
+            state.record(hidden, pad_rows, [r.req_id for r in rows], [r.key for r in rows],
                          [len(r.prompt) + len(r.output) for r in rows])
         return logits

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from vllm.utils.torch_utils import async_tensor_h2d
 
 
 @dataclass
@@ -42,6 +43,7 @@ class LatentState:
         self.key_of_req_id: dict[str, str] = {}
         self._hidden: torch.Tensor | None = None  # this step's rows given to compute_logits
         self._injected = torch.zeros((), dtype=torch.long)
+        self._pending: dict[str, set[int]] = {}  # by vLLM request id: recorded, not yet fed
 
     # -- the model's side ------------------------------------------------------------------
     def stash_hidden(self, hidden: torch.Tensor) -> None:
@@ -61,29 +63,17 @@ class LatentState:
             return embeds
         qsl = self.runner.query_start_loc.np[: num_reqs + 1]
         computed = batch.num_computed_tokens_cpu[:num_reqs]
-        rows: list[int] = []
-        vectors: list[torch.Tensor] = []
-        # O(requests in the batch): each request's scheduled span [c, c + n) is checked against
-        # its own stored positions; a decode step has n == 1.
-        for i, req_id in enumerate(batch.req_ids[:num_reqs]):
-            key = self.key_of_req_id.get(req_id)
-            store = self.requests.get(key) if key is not None else None
-            if not store or not store.positions:
-                continue
-            start, n = int(computed[i]), int(qsl[i + 1] - qsl[i])
-            if n == 1:  # decode: one dict lookup instead of a scan of the request's vectors
-                vec = store.positions.get(start)
-                if vec is not None:
-                    rows.append(int(qsl[i]))
-                    vectors.append(vec)
-                continue
-            for pos, vec in store.positions.items():
-                if start <= pos < start + n:
-                    rows.append(int(qsl[i]) + pos - start)
-                    vectors.append(vec)
+        if int(qsl[num_reqs]) == num_reqs:
+            # A pure decode step (one token per request): only a vector recorded since the last
+            # step can be due, so look at those alone, not at every request of the batch.
+            if not self._pending:
+                return embeds
+            rows, vectors = self._due_pending(batch.req_id_to_index, computed)
+        else:
+            rows, vectors = self._due_in_spans(batch.req_ids[:num_reqs], qsl, computed)
         if not rows:
             return embeds
-        index = torch.as_tensor(rows, device=embeds.device)
+        index = async_tensor_h2d(rows, embeds.device, torch.long)  # no host stall (async scheduling)
         values = torch.stack(vectors).to(device=embeds.device, dtype=embeds.dtype)
         # Only rows that really carry the pad id take a vector: a wrong mapping must not
         # silently overwrite text.
@@ -94,19 +84,60 @@ class LatentState:
         self._injected = self._injected + is_pad.sum()
         return embeds
 
+    def _due_pending(self, index_of: dict[str, int], computed: np.ndarray) -> tuple[list[int], list[torch.Tensor]]:
+        """Decode step: the rows whose one scheduled position holds a freshly recorded vector."""
+        rows, vectors = [], []
+        for req_id, positions in list(self._pending.items()):
+            i = index_of.get(req_id)
+            if i is None or i >= len(computed):
+                continue  # not scheduled now (preempted): its re-prefill scans the spans
+            pos = int(computed[i])
+            if pos in positions:
+                rows.append(i)
+                vectors.append(self.requests[self.key_of_req_id[req_id]].positions[pos])
+            positions.difference_update(p for p in list(positions) if p <= pos)
+            if not positions:
+                del self._pending[req_id]
+        return rows, vectors
+
+    def _due_in_spans(self, req_ids: list[str], qsl: np.ndarray,
+                      computed: np.ndarray) -> tuple[list[int], list[torch.Tensor]]:
+        """Prefill, chunked prefill or a recompute after preemption: each request's scheduled
+        span [c, c + n) against its own stored positions (O(requests in the batch))."""
+        rows, vectors = [], []
+        for i, req_id in enumerate(req_ids):
+            key = self.key_of_req_id.get(req_id)
+            store = self.requests.get(key) if key is not None else None
+            if not store or not store.positions:
+                continue
+            start, n = int(computed[i]), int(qsl[i + 1] - qsl[i])
+            for pos, vec in store.positions.items():
+                if start <= pos < start + n:
+                    rows.append(int(qsl[i]) + pos - start)
+                    vectors.append(vec)
+            pending = self._pending.get(req_id)
+            if pending is not None:
+                pending.difference_update(p for p in list(pending) if p < start + n)
+                if not pending:
+                    del self._pending[req_id]
+        return rows, vectors
+
     @property
     def injected_rows(self) -> int:
         """Rows that received a latent vector so far (tests and metrics; synchronises once)."""
         return int(self._injected)
 
     # -- the logits processor's side ------------------------------------------------------
-    def record(self, hidden: torch.Tensor, rows: np.ndarray, keys: list[str], positions: list[int]) -> None:
-        """Keep `hidden[rows[j]]` as the input of token position `positions[j]` of request `keys[j]`."""
+    def record(self, hidden: torch.Tensor, rows: np.ndarray, req_ids: list[str], keys: list[str],
+               positions: list[int]) -> None:
+        """Keep `hidden[rows[j]]` as the input of token position `positions[j]` of request `keys[j]`
+        (vLLM request `req_ids[j]`); it is due at that request's next step."""
         if len(rows) == 0:
             return
-        taken = hidden.index_select(0, torch.as_tensor(rows, device=hidden.device)).detach().clone()
-        for j, (key, pos) in enumerate(zip(keys, positions)):
+        taken = hidden.index_select(0, async_tensor_h2d(rows, hidden.device, torch.long)).detach().clone()
+        for j, (req_id, key, pos) in enumerate(zip(req_ids, keys, positions)):
             self.requests.setdefault(key, RequestLatents()).positions[int(pos)] = taken[j]
+            self._pending.setdefault(req_id, set()).add(int(pos))
 
     def bind(self, req_id: str, key: str) -> None:
         self.key_of_req_id[req_id] = key
@@ -115,6 +146,7 @@ class LatentState:
     def release(self, req_id: str, keep: bool) -> None:
         """A request left the batch for good; drop its vectors unless a caller will pop them."""
         key = self.key_of_req_id.pop(req_id, None)
+        self._pending.pop(req_id, None)
         if key is not None and not keep:
             self.requests.pop(key, None)
 
