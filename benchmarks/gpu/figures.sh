@@ -3,6 +3,7 @@
 # from the repository root, once the staged parts are in /tmp/asm (../shared/tools/device-stage.sh):
 #
 #   bash benchmarks/gpu/figures.sh sync_colocated grpo_1gpu     # any of the steps below, in order
+#   bash benchmarks/gpu/figures.sh dift:ga4:--grad-accum,4 grpo_1gpu:mb8:micro_batch_size=8   # tag, args
 #
 # Each step writes its JSON to $OUT (default /tmp/out). The machine keeps /tmp only while warm, so
 # the set-up (unpack, build the 3B-shape model) re-runs when it finds nothing.
@@ -21,22 +22,25 @@ GPU=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1])") 
 
 step() { echo "== $1 ($(date +%T))"; }
 
-sync_colocated() {  # issue 9: learner and engine on one GPU, weights over CUDA IPC
-  step sync_colocated
-  (cd benchmarks && python weight_sync.py --model /tmp/qwen3b --colocate --gpu-memory-utilization 0.25 \
-     --out "$OUT/weight_sync-$GPU-3b-cuda_ipc.json")
+sync_colocated() {  # issue 9: learner and engine on one GPU, weights over CUDA IPC; tag "layerwise":
+  local tag=${1:-in_place}  # the receivers take vLLM's layerwise reload even where in-place loading works
+  step "sync_colocated $tag"
+  (cd benchmarks && FOURDTHINKER_LAYERWISE_RELOAD=$([ "$tag" = layerwise ] && echo 1 || echo 0) \
+     python weight_sync.py --model /tmp/qwen3b --colocate --gpu-memory-utilization 0.25 \
+     --out "$OUT/weight_sync-$GPU-3b-cuda_ipc-$tag.json")
 }
 
-grpo_1gpu() {  # issue 9: the colocated pipeline (engine sleeps while the learner trains)
-  step grpo_1gpu
+grpo_1gpu() {  # issue 9: the colocated pipeline (engine sleeps while the learner trains); extra: overrides
+  local tag=${1:-base}; shift || true
+  step "grpo_1gpu $tag"
   (cd benchmarks && python grpo_step.py --config ../configs/3b/grpo_1gpu.yaml --steps 3 model_dir=/tmp/qwen3b \
-     --out "$OUT/grpo_step-$GPU-3b-1gpu.json")
+     "$@" --out "$OUT/grpo_step-$GPU-3b-1gpu-$tag.json")
 }
 
-rollout() {  # issue 4: HF reference vs plugin vs plain vLLM
+rollout() {  # issue 4: HF reference vs plugin vs plain vLLM; extra: e.g. --engines plugin,plain
   step rollout
   (cd benchmarks && python rollout.py --model /tmp/qwen3b --prompts 64 --prompt-tokens 256 --new-tokens 512 \
-     --out "$OUT/rollout-$GPU-3b.json")
+     "$@" --out "$OUT/rollout-$GPU-3b.json")
 }
 
 dift() {  # issue 3: one DIFT step at the 3B shape; extra arguments pass through
@@ -48,7 +52,7 @@ dift() {  # issue 3: one DIFT step at the 3B shape; extra arguments pass through
 
 for s in "$@"; do
   case $s in
-    dift:*) IFS=: read -r _ tag rest <<< "$s"; dift "$tag" ${rest//,/ } ;;
+    dift:*|grpo_1gpu:*|sync_colocated:*) IFS=: read -r name tag rest <<< "$s"; "$name" "$tag" ${rest//,/ } ;;
     *) "$s" ;;
   esac
 done

@@ -5,6 +5,7 @@ Called through `LLM.collective_rpc` (in-process, multiprocess and Ray executors 
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -66,10 +67,21 @@ class LatentWorkerExtension:
     def latent_injected_rows(self) -> int:
         return self._latent_state().injected_rows
 
-    # -- weights: checkpoint-format buckets through vLLM's layerwise reload ----------------------
-    # Kernels may repack weights after loading (the CPU backend does), so a plain load_weights on a
-    # running model can miss; vLLM's layerwise reload restores the checkpoint layout first and
-    # re-processes each layer once its weights are in, as its own NCCL weight-transfer engine does.
+    # -- weights: checkpoint-format buckets, loaded in place or through vLLM's layerwise reload ---
+    # Kernels may repack weights after loading (the CPU backend does, for oneDNN; quantized kernels
+    # do), so there a plain load_weights on a running model can miss: vLLM's layerwise reload
+    # restores the checkpoint layout first and re-processes each layer once its weights are in, as
+    # its own NCCL weight-transfer engine does. An unquantized model on CUDA keeps the checkpoint
+    # layout (processing after loading is a no-op there), and its weight loaders copy into the
+    # running parameters in place (CUDA graphs keep their addresses): the layerwise machinery's
+    # per-layer wrapping, second copy and finalize are skipped.
+    def _loads_in_place(self) -> bool:
+        from vllm.platforms import current_platform
+
+        if os.environ.get("FOURDTHINKER_LAYERWISE_RELOAD") == "1":  # force the general path
+            return False
+        return current_platform.is_cuda() and self.model_runner.vllm_config.model_config.quantization is None
+
     def bucket_update_begin(self, names: list[str] | None = None) -> float:
         """Start a reload of the sub-models that own `names` (checkpoint names; None: the whole
         model). A frozen vision tower is never sent, and so never torn down and rebuilt either.
@@ -77,7 +89,7 @@ class LatentWorkerExtension:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         start = time.perf_counter()
-        self._reloading = self._modules_owning(names)
+        self._reloading = [] if self._loads_in_place() else self._modules_owning(names)
         for module in self._reloading:
             initialize_layerwise_reload(module)
         return time.perf_counter() - start
@@ -152,7 +164,8 @@ class LatentWorkerExtension:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         start = time.perf_counter()
-        for module in getattr(self, "_reloading", None) or [self.model_runner.get_model()]:
+        reloading = getattr(self, "_reloading", None)
+        for module in [self.model_runner.get_model()] if reloading is None else reloading:
             finalize_layerwise_reload(module, self.model_runner.vllm_config.model_config)
         self._reloading = None
         if self.model_runner.device.type == "cuda":
