@@ -190,7 +190,7 @@ def test_segment_batches_are_runs_of_one_bucket():
 
 
 class RecordingSegmentClips(SegmentClips):
-    """SegmentClips that appends, per call, its rows' (clip id, bucket, prompts) to a file."""
+    """SegmentClips that appends, per segmenter batch, its rows' (clip id, bucket, prompts) to a file."""
 
     def __init__(self, cfg: PreprocessConfig):
         super().__init__(cfg)
@@ -205,8 +205,8 @@ class RecordingSegmentClips(SegmentClips):
 
         recorder.segment = segment
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = super().__call__(batch)
+    def _segment_bucket(self, batch: pd.DataFrame) -> list[dict]:
+        out = super()._segment_bucket(batch)
         calls = [{"clip_id": r["clip_id"], "bucket": r["bucket"], "prompts": self.prompts.get(r["clip_id"])}
                  for r in batch.to_dict("records")]
         with self.log.open("a") as handle:

@@ -156,8 +156,18 @@ class SegmentClips:
         self.segmenter = build_segmenter(cfg.segmenter, cfg.input_root)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        rows = [self._process(row) for row in batch.to_dict("records")]
+        # Ray Data needs a row count per batch on GPUs and then fills batches across its input
+        # blocks, so a batch can reach over a bucket boundary: each bucket's rows go to the
+        # segmenter as a batch of their own, in order.
+        if "bucket" in batch.columns:
+            rows = [r for _, group in batch.groupby("bucket", sort=False) for r in self._segment_bucket(group)]
+        else:
+            rows = self._segment_bucket(batch)
         return pd.DataFrame(rows, columns=list(batch.columns) + ["tracks"])
+
+    def _segment_bucket(self, rows: pd.DataFrame) -> list[dict]:
+        """Rows of one bucket (uniform duration x resolution) through the segmenter."""
+        return [self._process(row) for row in rows.to_dict("records")]
 
     def _process(self, row: dict) -> dict:
         if row["status"] != STATUS_OK:

@@ -66,14 +66,14 @@ def segmented_clips(cfg: PreprocessConfig, rows: list[dict]):
     import ray.data
 
     seg = cfg.segmenter
-    # One block per segmenter batch; `map` keeps a block's rows together, so `batch_size=None`
-    # (one block = one batch) below hands SegmentClips exactly these batches.
+    # One block per segmenter batch, cut at bucket boundaries; Ray Data may still fill a batch from
+    # two blocks (it requires a row count per batch on GPUs), so SegmentClips splits by bucket too.
     blocks = [pa.Table.from_pylist(batch) for batch in segment_batches(rows, seg.batch_size)]
     clips = ray.data.from_arrow(blocks).map(extract_frames, fn_kwargs={"cfg": cfg}, num_cpus=cfg.decode_cpus)
     if cfg.llm.names_objects:
         clips = clips.map(NameObjects, fn_constructor_kwargs={"cfg": cfg}, num_cpus=1,
                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_llm_pool_size(cfg)))
-    return clips.map_batches(SegmentClips, fn_constructor_kwargs={"cfg": cfg}, batch_size=None,
+    return clips.map_batches(SegmentClips, fn_constructor_kwargs={"cfg": cfg}, batch_size=seg.batch_size,
                              batch_format="pandas", num_gpus=seg.num_gpus_per_actor,
                              num_cpus=seg.num_cpus_per_actor,
                              compute=ray.data.ActorPoolStrategy(min_size=seg.min_actors, max_size=seg.max_actors))
