@@ -37,10 +37,17 @@ grpo_1gpu() {  # issue 9: the colocated pipeline (engine sleeps while the learne
      "$@" --out "$OUT/grpo_step-$GPU-3b-1gpu-$tag.json")
 }
 
-rollout() {  # issue 4: HF reference vs plugin vs plain vLLM; extra: e.g. --engines plugin,plain
-  step rollout
+rollout() {  # issue 4: HF reference vs plugin vs plain vLLM; extra: e.g. --engines,plugin,plain
+  local tag=${1:-all}; shift || true
+  step "rollout $tag"
   (cd benchmarks && python rollout.py --model /tmp/qwen3b --prompts 64 --prompt-tokens 256 --new-tokens 512 \
-     "$@" --out "$OUT/rollout-$GPU-3b.json")
+     "$@" --out "$OUT/rollout-$GPU-3b-$tag.json")
+}
+
+preprocess() {  # issue 8: the Ray Data plan vs a bare loop with the sam3 backend (random weights);
+  step preprocess  # needs the sam3 wheels (benchmarks/gpu/sam3_smoke.py says which) in /tmp/site
+  (cd benchmarks && python preprocess.py --videos "${1:-8}" --out "$OUT/preprocess-$GPU-sam3.json" \
+     segmenter.backend=sam3 segmenter.num_gpus_per_actor=1 segmenter.max_actors=1 'concepts=[red box, blue sphere]')
 }
 
 dift() {  # issue 3: one DIFT step at the 3B shape; extra arguments pass through
@@ -52,7 +59,7 @@ dift() {  # issue 3: one DIFT step at the 3B shape; extra arguments pass through
 
 for s in "$@"; do
   case $s in
-    dift:*|grpo_1gpu:*|sync_colocated:*) IFS=: read -r name tag rest <<< "$s"; "$name" "$tag" ${rest//,/ } ;;
+    dift:*|grpo_1gpu:*|sync_colocated:*|rollout:*|preprocess:*) IFS=: read -r name tag rest <<< "$s"; "$name" "$tag" ${rest//,/ } ;;
     *) "$s" ;;
   esac
 done
