@@ -18,9 +18,11 @@ source benchmarks/gpu/env.sh
 # FlashInfer's sampler JIT-compiles for minutes on a fresh machine; the PyTorch sampler needs none.
 export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 GPU=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1])")  # H100 / H200
-[ -f /tmp/qwen3b/config.json ] || python -m fourdthinker tiny-model --shape 3b --out /tmp/qwen3b || exit 1
 
-step() { echo "== $1 ($(date +%T))"; }
+step() {  # every step but preprocess runs the 3B-shape model, built once per machine
+  echo "== $1 ($(date +%T))"
+  [ "$1" = preprocess ] || [ -f /tmp/qwen3b/config.json ] || python -m fourdthinker tiny-model --shape 3b --out /tmp/qwen3b
+}
 
 sync_colocated() {  # issue 9: learner and engine on one GPU, weights over CUDA IPC; tag "layerwise":
   local tag=${1:-in_place}  # the receivers take vLLM's layerwise reload even where in-place loading works
