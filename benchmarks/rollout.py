@@ -21,6 +21,9 @@ import time
 from report import write_result  # benchmarks/report.py (scripts run from benchmarks/)
 
 ENGINES = ("hf", "plugin", "plain")
+# plain vLLM on the V1 model runner, the one a custom logits processor selects (the plugin's): the
+# runner's share of a plugin-vs-plain gap
+EXTRA_ENGINES = ("plain_v1",)
 
 
 def _prompts(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
@@ -46,7 +49,7 @@ def run_engine(engine: str, args) -> dict:
     ids = LatentIds.from_config(AutoConfig.from_pretrained(args.model, local_files_only=True))
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     prompts = _prompts(tokenizer, args.prompts, args.prompt_tokens, args.seed)
-    force = _force_steps(args.new_tokens, args.latent_every, ids.latent_size) if engine != "plain" else []
+    force = _force_steps(args.new_tokens, args.latent_every, ids.latent_size) if engine in ("hf", "plugin") else []
     cuda = torch.cuda.is_available()
 
     if engine == "hf":
@@ -73,6 +76,8 @@ def run_engine(engine: str, args) -> dict:
 
         from fourdthinker.vllm_plugin.engine import make_llm
 
+        if engine == "plain_v1":
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         llm = make_llm(args.model, latent=engine == "plugin", max_model_len=args.prompt_tokens + args.new_tokens + 64,
                        max_num_seqs=args.prompts, enforce_eager=not cuda)
         def params(i: int) -> SamplingParams:
@@ -85,15 +90,17 @@ def run_engine(engine: str, args) -> dict:
             llm.collective_rpc("latent_pop", args=([f"b{i}" for i in range(2)],))
         t0 = time.perf_counter()
         outs = llm.generate(batch, [params(i) for i in range(len(batch))], use_tqdm=False)
+        generated = time.perf_counter()
         latents = 0
-        if engine == "plugin":
+        if engine == "plugin":  # handing the vectors out is part of a rollout's cost
             popped = llm.collective_rpc("latent_pop", args=([f"b{i}" for i in range(len(batch))],))[0]
             latents = sum(len(pos) for pos, _, _ in popped.values())
         seconds = time.perf_counter() - t0
+        pop_s = seconds - (generated - t0)
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     return {"engine": engine, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "latent_slots": latents, "device": device_name}
+            "latent_slots": latents, "pop_s": pop_s if engine == "plugin" else 0.0, "device": device_name}
 
 
 def main() -> int:
@@ -106,7 +113,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rollout-<device>.json)")
-    parser.add_argument("--engine", choices=ENGINES, help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--engine", choices=ENGINES + EXTRA_ENGINES, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
 
     if args.engine:
@@ -115,6 +122,8 @@ def main() -> int:
 
     rows = []
     for engine in args.engines.split(","):
+        if engine not in ENGINES + EXTRA_ENGINES:
+            raise SystemExit(f"--engines: {engine!r} is none of {ENGINES + EXTRA_ENGINES}")
         cmd = [sys.executable, __file__, "--engine", engine] + sys.argv[1:]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -125,9 +134,10 @@ def main() -> int:
     by = {r["engine"]: r for r in rows}
     print(f"\nrollout throughput: {args.prompts} prompts x ({args.prompt_tokens} prompt + {args.new_tokens} new) "
           f"tokens, greedy, latent block every {args.latent_every} steps; device {rows[0]['device']}")
-    print(f"{'engine':<8} {'tokens/s':>12} {'seconds':>9} {'latent slots':>13}")
+    print(f"{'engine':<9} {'tokens/s':>12} {'seconds':>9} {'of which pop':>13} {'latent slots':>13}")
     for r in rows:
-        print(f"{r['engine']:<8} {r['tokens_per_s']:>12.1f} {r['seconds']:>9.2f} {r['latent_slots']:>13}")
+        print(f"{r['engine']:<9} {r['tokens_per_s']:>12.1f} {r['seconds']:>9.2f} {r['pop_s']:>13.3f} "
+              f"{r['latent_slots']:>13}")
     summary = {}
     if "hf" in by and "plugin" in by:
         summary["plugin_vs_hf"] = by["plugin"]["tokens_per_s"] / by["hf"]["tokens_per_s"]
