@@ -79,3 +79,20 @@ def test_keep_objects_and_track_record_write_readable_masks(tmp_path):
     assert record["mask_paths"][2] is None and record["areas"] == [6.0, 6.0, 0.0]
     assert record["boxes"][0] == [3.0, 2.0, 5.0, 3.0] and record["boxes"][2] is None
     np.testing.assert_array_equal(np.asarray(Image.open(record["mask_paths"][0]).convert("L")) > 127, on)
+
+
+def test_byte_level_bpe_stand_in_loads_in_the_sam3_tokenizer_and_encodes_bytes(tmp_path):
+    """The stand-in vocabulary the `sam3` backend builds with when it has no real one: the package's
+    own tokenizer reads it, encodes byte by byte, and every id stays inside the text encoder's table."""
+    from fourdthinker.actors.segmenter import write_byte_level_bpe
+
+    tokenizer_ve = pytest.importorskip("sam3.model.tokenizer_ve")
+    tokenizer = tokenizer_ve.SimpleTokenizer(bpe_path=str(write_byte_level_bpe(tmp_path / "bpe.txt.gz")))
+    symbols = list(tokenizer_ve.bytes_to_unicode().values())
+    assert tokenizer.vocab_size == 2 * len(symbols) + 2  # bytes, their end-of-word forms, start, end
+    word_end = len(symbols)
+    expected = [symbols.index(c) for c in "re"] + [word_end + symbols.index("d"), word_end + symbols.index("!")]
+    assert tokenizer.encode("Red !") == expected
+    ids = tokenizer(["red cube", "ünïcödé"], context_length=32)
+    assert ids.shape == (2, 32) and int(ids.max()) == tokenizer.eot_token_id < tokenizer.vocab_size
+    assert tokenizer.decode(tokenizer.encode("ünïcödé 42")).strip() == "ünïcödé 4 2"
