@@ -46,8 +46,16 @@ rollout() {  # issue 4: HF reference vs plugin vs plain vLLM; extra: e.g. --engi
      "$@" --out "$OUT/rollout-$GPU-3b-$tag.json")
 }
 
-preprocess() {  # issue 8: the Ray Data plan vs a bare loop with the sam3 backend (random weights);
-  step preprocess  # needs the sam3 wheels (benchmarks/gpu/sam3_smoke.py says which) in /tmp/site
+# The sam3 backend needs wheels the GPU image lacks. Here, once (git-ignored `.whl/`, 39 MB):
+#   echo /.whl/ >> .git/info/exclude; for w in sam3==0.1.4 timm==1.0.31 ftfy==6.3.1 wcwidth==0.9.4 \
+#     portalocker==4.4.2 einops==0.8.2 pycocotools==2.0.11 av==18.1.0; do python3 -m pip download --no-deps \
+#     --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$w"; done
+#   python3 -m pip wheel --no-deps -w .whl iopath==0.1.10        # sdist only
+# then, on the machine (carry [".whl"]), before this script:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+preprocess() {  # issue 8: the Ray Data plan vs a bare loop with the sam3 backend (random weights)
+  step preprocess
   (cd benchmarks && python preprocess.py --videos "${1:-8}" --out "$OUT/preprocess-$GPU-sam3.json" \
      segmenter.backend=sam3 segmenter.num_gpus_per_actor=1 segmenter.max_actors=1 'concepts=[red box, blue sphere]')
 }
