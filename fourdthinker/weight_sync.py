@@ -13,8 +13,9 @@ Three transports behind one `push(named, rollouts, version) -> SyncStats`:
 - `ObjectStoreWeightSync`: buckets packed in host memory, one `ray.put`, read by every actor.
   Needs nothing but Ray: the fallback for rollouts no group can reach.
 
-Every receiver loads through vLLM's layerwise reload (`LatentWorkerExtension.bucket_update_*`),
-so kernels that repack weights after loading see checkpoint-format tensors. A restarted rollout
+Every receiver loads through `LatentWorkerExtension.bucket_update_*`: in place where the kernels keep
+the checkpoint layout (unquantized, CUDA), else through vLLM's layerwise reload, so kernels that
+repack weights after loading see checkpoint-format tensors. A restarted rollout
 actor has lost its group membership; `CollectiveWeightSync` notices (each actor reports the token
 of the group it joined) and forms a new group before it sends.
 """
