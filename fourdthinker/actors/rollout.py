@@ -26,6 +26,7 @@ class RolloutWorker:
         self.generator = generator or LatentGenerator.from_model_dir(model_dir, **kwargs)
         self.version = 0
         self.weight_token: str | None = None  # the weight group this engine's workers joined
+        self._phases: dict[str, float] = {}  # where the current weight update's time goes
         self.asleep = False
         self.started = time.time()
         self.generated_tokens = 0
@@ -49,7 +50,7 @@ class RolloutWorker:
     def begin_weight_update(self, names: Sequence[str] | None = None) -> None:
         """Open an update of the parameters `names` (HF names; None: all of them)."""
         self._update_started = time.perf_counter()
-        self._phases: dict[str, float] = {}
+        self._phases = {}
         worker = self._rpc("begin_s", "bucket_update_begin", list(names) if names is not None else None)
         self._phases["begin_worker_s"] = max(worker)
 
