@@ -52,7 +52,6 @@ def _samples(tmp: Path, n: int, frames: int, size: int, words: int, images: int)
 
 def _profile(step, split: dict[str, float], cuda: bool, rows: int = 15) -> dict[str, list]:
     """One more step under torch.profiler: the top CUDA kernels and CPU ops by total time."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -68,7 +67,6 @@ def _profile(step, split: dict[str, float], cuda: bool, rows: int = 15) -> dict[
         print(f"\ntop {kind} by total time (one optimizer step):")
         for e in out[kind]:
             print(f"{e['ms']:>10.1f} ms {e['calls']:>7}  {e['name']}")
-    del torch
     return out
 
 

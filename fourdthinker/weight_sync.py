@@ -92,26 +92,39 @@ def broadcast(group, tensor: torch.Tensor, src: int = 0) -> None:
     group.broadcast([tensor], opts).wait()
 
 
+def _mark(cuda: bool):
+    """A point in time: a CUDA event recorded on the current stream, or the host clock."""
+    if not cuda:
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _seconds(a, b) -> float:
+    return a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a
+
+
 def receive_buckets(group, layouts: Sequence[BucketLayout], device: torch.device, load) -> dict[str, float]:
     """Receiver side of `CollectiveWeightSync`: per layout, a buffer on `device`, the broadcast into
     it, and `load(named_tensors)` on views of it. Returns the bytes received and the seconds spent
-    in the broadcasts (waiting for the sender included) and in loading."""
+    in the broadcasts (waiting for the sender included) and in loading. On a GPU the split comes
+    from CUDA events on the loading stream, so the host never waits between buckets (the next
+    bucket's broadcast can overlap this one's load); one synchronize at the end."""
     cuda = device.type == "cuda"
-    total, transfer_s, load_s = 0, 0.0, 0.0
+    total, marks = 0, []
     for layout in layouts:
-        start = time.perf_counter()
+        start = _mark(cuda)
         flat = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
         broadcast(group, flat)
-        if cuda:  # a NCCL wait only orders the stream; the split needs the host to wait too
-            torch.cuda.synchronize(device)
-        received = time.perf_counter()
+        received = _mark(cuda)
         load(unpack(layout, flat))
-        if cuda:
-            torch.cuda.synchronize(device)
-        transfer_s += received - start
-        load_s += time.perf_counter() - received
+        marks.append((start, received, _mark(cuda)))
         total += flat.numel()
-    return {"bytes": float(total), "transfer_s": transfer_s, "load_s": load_s}
+    if cuda:
+        torch.cuda.synchronize(device)
+    return {"bytes": float(total), "transfer_s": sum(_seconds(a, b) for a, b, _ in marks),
+            "load_s": sum(_seconds(b, c) for _, b, c in marks)}
 
 
 # -- the transports ----------------------------------------------------------------------------------

@@ -232,8 +232,16 @@ def train(cfg: GrpoConfig) -> dict[str, float]:
     if last is not None:
         final = run_dir / "final"
         shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(last / "hf", final, copy_function=os.link)  # links: no second copy of the weights
+        shutil.copytree(last / "hf", final, copy_function=_link_or_copy)
     return metrics
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no second copy of the weights) where the storage has them, else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -159,10 +159,7 @@ class SegmentClips:
         # Ray Data needs a row count per batch on GPUs and then fills batches across its input
         # blocks, so a batch can reach over a bucket boundary: each bucket's rows go to the
         # segmenter as a batch of their own, in order.
-        if "bucket" in batch.columns:
-            rows = [r for _, group in batch.groupby("bucket", sort=False) for r in self._segment_bucket(group)]
-        else:
-            rows = self._segment_bucket(batch)
+        rows = [r for _, group in batch.groupby("bucket", sort=False) for r in self._segment_bucket(group)]
         return pd.DataFrame(rows, columns=list(batch.columns) + ["tracks"])
 
     def _segment_bucket(self, rows: pd.DataFrame) -> list[dict]:
