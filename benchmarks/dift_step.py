@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument("--attn", default=None, help="the language model's attn_implementation")
     parser.add_argument("--per-window-vision-attention", action="store_true",
                         help="transformers' one attention call per vision window (the comparison)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step and print the top CUDA kernels and CPU ops")
     parser.add_argument("--out", default=None)
@@ -102,7 +103,7 @@ def main() -> int:
     from fourdthinker.config import DiftConfig
     from fourdthinker.data.collate import DiftCollator
     from fourdthinker.dift_train import deepspeed_config, load_model_and_processor
-    from fourdthinker.model import dift_forward
+    from fourdthinker.model import compile_blocks, dift_forward
 
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
@@ -114,6 +115,8 @@ def main() -> int:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if args.compile:
+        compile_blocks(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     n_vision = sum(p.numel() for p in model.model.visual.parameters())
@@ -172,6 +175,7 @@ def main() -> int:
         "attn_implementation": engine.module.config._attn_implementation,
         "vision_attn_implementation": engine.module.config.vision_config._attn_implementation,
         "gradient_checkpointing": engine.module.is_gradient_checkpointing,
+        "compiled_blocks": args.compile,
         "phase_seconds": phases, "profile_top": top, "trainable_params": n_train,
         "vision_params": n_vision, "seconds_per_step": seconds, "tokens_per_s": args.grad_accum * tokens / seconds,
         "tflops": flops / seconds / 1e12, "mfu": (flops / seconds / 1e12 / peak) if peak else None,

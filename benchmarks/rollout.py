@@ -78,8 +78,12 @@ def run_engine(engine: str, args) -> dict:
 
         if engine == "plain_v1":
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        profiler = {}
+        if args.profile_dir:  # torch profiler traces of the engine's worker (vLLM's own profiler)
+            profiler = {"profiler_config": {"profiler": "torch", "torch_profiler_with_stack": False, "ignore_frontend": True,
+                                            "torch_profiler_dir": os.path.abspath(os.path.join(args.profile_dir, engine))}}
         llm = make_llm(args.model, latent=engine == "plugin", max_model_len=args.prompt_tokens + args.new_tokens + 64,
-                       max_num_seqs=args.prompts, enforce_eager=not cuda)
+                       max_num_seqs=args.prompts, enforce_eager=not cuda, **profiler)
         def params(i: int) -> SamplingParams:
             extra = {"latent_key": f"b{i}", "latent_force_steps": force} if engine == "plugin" else None
             return SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
@@ -98,6 +102,13 @@ def run_engine(engine: str, args) -> dict:
         seconds = time.perf_counter() - t0
         pop_s = seconds - (generated - t0)
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        if args.profile_dir:  # a shorter run of the same batch under the profiler, after the timed one
+            short = [params(i) for i in range(len(batch))]
+            for p in short:
+                p.max_tokens = min(args.new_tokens, args.profile_tokens)
+            llm.start_profile()
+            llm.generate(batch, short, use_tqdm=False)
+            llm.stop_profile()
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     return {"engine": engine, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
             "latent_slots": latents, "pop_s": pop_s if engine == "plugin" else 0.0, "device": device_name}
@@ -113,6 +124,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engines", default=",".join(ENGINES))
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rollout-<device>.json)")
+    parser.add_argument("--profile-dir", help="also profile a short run of each vLLM engine (torch traces here)")
+    parser.add_argument("--profile-tokens", type=int, default=64, help="new tokens of the profiled run")
     parser.add_argument("--engine", choices=ENGINES + EXTRA_ENGINES, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
 

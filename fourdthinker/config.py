@@ -161,6 +161,7 @@ class DiftConfig:
     max_grad_norm: float = 1.0
     zero_stage: int = 2
     gradient_checkpointing: bool = True
+    compile: bool = False  # torch.compile each transformer block (fourdthinker.model.compile_blocks)
     bf16: bool | None = None  # None: bf16 on GPU, fp32 on CPU
     num_workers: int = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them

@@ -93,7 +93,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from fourdthinker.data.collate import DiftCollator
     from fourdthinker.data.dift_dataset import read_dift_jsonl
-    from fourdthinker.model import dift_forward
+    from fourdthinker.model import compile_blocks, dift_forward
 
     cfg = from_dict(DiftConfig, config)
     ctx = ray.train.get_context()
@@ -108,6 +108,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.compile:
+        compile_blocks(model)
 
     samples, skipped = read_dift_jsonl(cfg.train_jsonl)
     if not samples:

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Literal, Protocol, Sequence, get_args
 
 import torch
 
-from fourdthinker.weights import BucketLayout, pack, pack_buckets, plan_named, unpack
+from fourdthinker.weights import BucketLayout, pack, pack_buckets, plan_named
 
 TransportName = Literal["auto", "collective", "cuda_ipc", "object_store"]
 TRANSPORTS: tuple[str, ...] = get_args(TransportName)
@@ -83,13 +83,18 @@ def open_group(host: str, port: int, rank: int, world_size: int, backend: str):
     return stateless_init_torch_distributed_process_group(host, port, rank, world_size, backend)
 
 
-def broadcast(group, tensor: torch.Tensor, src: int = 0) -> None:
-    """Broadcast on a stateless group. `torch.distributed.broadcast` maps `src` through the global
+def broadcast_async(group, tensor: torch.Tensor, src: int = 0):
+    """Start a broadcast on a stateless group; returns its work (`.wait()` orders the current stream,
+    or on CPU the host, after it). `torch.distributed.broadcast` maps `src` through the global
     ranks, which such a group has none of, so call the ProcessGroup itself."""
     opts = torch.distributed.BroadcastOptions()
     opts.rootRank = src
     opts.rootTensor = 0
-    group.broadcast([tensor], opts).wait()
+    return group.broadcast([tensor], opts)
+
+
+def broadcast(group, tensor: torch.Tensor, src: int = 0) -> None:
+    broadcast_async(group, tensor, src).wait()
 
 
 def _mark(cuda: bool):
@@ -107,19 +112,31 @@ def _seconds(a, b) -> float:
 
 def receive_buckets(group, layouts: Sequence[BucketLayout], device: torch.device, load) -> dict[str, float]:
     """Receiver side of `CollectiveWeightSync`: per layout, a buffer on `device`, the broadcast into
-    it, and `load(named_tensors)` on views of it. Returns the bytes received and the seconds spent
-    in the broadcasts (waiting for the sender included) and in loading. On a GPU the split comes
-    from CUDA events on the loading stream, so the host never waits between buckets (the next
-    bucket's broadcast can overlap this one's load); one synchronize at the end."""
+    it, and `load(layout, flat)` (a `ReplayingLoader`). Returns the bytes received and the seconds spent
+    in the broadcasts (waiting for the sender included) and in loading.
+
+    On a GPU each load runs on a side stream: a broadcast waits for the current stream only, so the
+    next bucket's transfer overlaps this bucket's copies, and the host never waits between buckets
+    (the split comes from CUDA events; one synchronize at the end). The two sums can then exceed
+    the wall time."""
     cuda = device.type == "cuda"
+    loading = torch.cuda.Stream(device) if cuda else None
     total, marks = 0, []
     for layout in layouts:
         start = _mark(cuda)
         flat = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
         broadcast(group, flat)
         received = _mark(cuda)
-        load(unpack(layout, flat))
-        marks.append((start, received, _mark(cuda)))
+        if cuda:
+            loading.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(loading):
+                load(layout, flat)
+                flat.record_stream(loading)  # its memory is reused only once the copies have read it
+                loaded = _mark(cuda)
+        else:
+            load(layout, flat)
+            loaded = _mark(cuda)
+        marks.append((start, received, loaded))
         total += flat.numel()
     if cuda:
         torch.cuda.synchronize(device)
@@ -156,12 +173,13 @@ class CollectiveWeightSync:
         self.token: str | None = None
         self.members: tuple = ()
 
-    def _ensure_group(self, rollouts: Sequence[Any]) -> None:
-        """(Re)form the group when the receivers changed or one of them lost it (a restart)."""
+    def _ensure_group(self, rollouts: Sequence[Any], token_refs: list | None = None) -> None:
+        """(Re)form the group when the receivers changed or one of them lost it (a restart).
+        `token_refs`: the receivers' `weight_group_token` calls, if already in flight."""
         import ray
 
         members = tuple(r._actor_id.hex() for r in rollouts)
-        tokens = ray.get([r.weight_group_token.remote() for r in rollouts])
+        tokens = ray.get(token_refs or [r.weight_group_token.remote() for r in rollouts])
         if self.group is not None and members == self.members and all(t == self.token for t in tokens):
             return
         self.group = None
@@ -180,19 +198,26 @@ class CollectiveWeightSync:
         import ray
 
         start = time.perf_counter()
+        tokens = [r.weight_group_token.remote() for r in rollouts]  # asked while the layouts are planned
         layouts, tensors = plan_named(named, self.bucket_bytes)
-        self._ensure_group(rollouts)
+        self._ensure_group(rollouts, tokens)
         received = [r.receive_weights.remote([layout.to_wire() for layout in layouts], version) for r in rollouts]
         sender = {"plan_s": time.perf_counter() - start, "pack_s": 0.0, "send_s": 0.0}
-        nbytes = 0
+        nbytes, in_flight = 0, []
         for layout in layouts:
             t0 = time.perf_counter()
             flat = pack(layout, [tensors[n] for n in layout.names], self.device)
             t1 = time.perf_counter()
-            broadcast(self.group, flat)
+            # The next bucket packs while this one's broadcast runs (a wait orders the current
+            # stream after the previous broadcast only): one extra bucket of memory.
+            in_flight.append((broadcast_async(self.group, flat), flat))
+            if len(in_flight) > 1:
+                in_flight.pop(0)[0].wait()
             sender["pack_s"] += t1 - t0
             sender["send_s"] += time.perf_counter() - t1
             nbytes += flat.numel()
+        for work, _ in in_flight:
+            work.wait()
         t2 = time.perf_counter()
         receipts = ray.get(received)
         sender["wait_s"] = time.perf_counter() - t2

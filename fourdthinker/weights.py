@@ -86,9 +86,9 @@ def pack(layout: BucketLayout, tensors: Sequence[torch.Tensor], device: torch.de
     tensor's). On a GPU the copies are device-to-device kernels, no host round trip."""
     device = tensors[0].device if device is None else torch.device(device)
     flat = torch.empty(layout.total_bytes, dtype=torch.uint8, device=device)
-    for tensor, offset in zip(tensors, layout.offsets):
-        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        flat[offset: offset + raw.numel()].copy_(raw, non_blocking=True)
+    raws = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    # one multi-tensor copy (a single kernel on a GPU where all are there), not a launch per tensor
+    torch._foreach_copy_([flat[o: o + r.numel()] for o, r in zip(layout.offsets, raws)], raws, non_blocking=True)
     return flat
 
 

@@ -155,6 +155,33 @@ def test_dift_gradient_skips_targets_and_vision_tower(model, processor, ids, dif
         model.zero_grad(set_to_none=True)
 
 
+def test_compiled_blocks_give_the_eager_dift_loss_and_gradients(tiny_model_dir, processor, ids, dift_samples):
+    """`compile_blocks` (inductor) changes speed only: the DIFT loss and every gradient match eager,
+    with gradient checkpointing on, and a batch of another length reuses the dynamic-shape graphs."""
+    from fourdthinker.model import compile_blocks, freeze_vision_tower, load_model
+
+    def run(model, samples):
+        model.zero_grad(set_to_none=True)
+        out = dift_forward(model, DiftCollator(processor, ids)(samples), ids)
+        out.loss.backward()
+        return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    models = []
+    for compiled in (False, True):
+        m = load_model(tiny_model_dir, torch.float32)  # the tiny model has its latent tokens
+        freeze_vision_tower(m)
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+        if compiled:
+            assert compile_blocks(m) == len(m.model.language_model.layers) + len(m.model.visual.blocks)
+        models.append(m)
+    for samples in (dift_samples, dift_samples[:1]):  # two lengths
+        (eager_loss, eager_grads), (loss, grads) = run(models[0], samples), run(models[1], samples)
+        assert loss == pytest.approx(eager_loss, abs=1e-5)
+        assert grads.keys() == eager_grads.keys() and len(grads) > 10
+        assert all(torch.allclose(grads[n], eager_grads[n], atol=1e-5, rtol=1e-4) for n in grads)
+
+
 def test_dift_forward_refuses_a_trainable_vision_tower(tiny_model_dir, processor, ids, dift_samples):
     from transformers import Qwen2_5_VLForConditionalGeneration
 

@@ -69,8 +69,8 @@ def _perturb(ray, rollout, model_dir, seed: int) -> None:
     ray.get(rollout.update_weights.remote(list(pack_buckets(noisy)), -1))
 
 
-def _restarted(ray, actor, uptime_before: float, timeout_s: float = 300) -> bool:
-    """Wait for Ray to bring a killed actor back (a fresh process: its uptime starts over)."""
+def _restarted(ray, actor, pid_before: int, timeout_s: float = 300) -> bool:
+    """Wait for Ray to bring a killed actor back (a fresh process: another pid)."""
     import time
 
     from ray.exceptions import RayActorError
@@ -78,7 +78,7 @@ def _restarted(ray, actor, uptime_before: float, timeout_s: float = 300) -> bool
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if ray.get(actor.health.remote())["uptime_s"] < uptime_before:
+            if ray.get(actor.health.remote())["pid"] != pid_before:
                 return True
         except RayActorError:
             pass
@@ -109,13 +109,14 @@ def test_collective_sync_lands_the_learner_weights_in_every_engine_and_survives_
     assert sync["sync_bytes"] == sum(layout.total_bytes for layout in sent)
     assert sync["sync_buckets"] == len(sent) > 1
     assert sync["sync_receiver_load_s"] > 0 and sync["sync_receiver_finish_s"] > 0
-    # The phase split: each RPC's wall time holds its work in the worker, and the parts fit the whole.
+    # The phase split: the one RPC's wall time holds the workers' begin, buckets and end, and the
+    # parts fit the whole.
     phase = {k.removeprefix("sync/"): v for k, v in sync.items() if k.startswith("sync/")}
-    assert phase["receiver/begin_s"] >= phase["receiver/begin_worker_s"] > 0
-    assert phase["receiver/end_s"] >= phase["receiver/end_worker_s"] > 0
-    assert phase["receiver/receive_s"] >= phase["receiver/receive_transfer_s"] + phase["receiver/receive_load_s"]
-    assert phase["receiver/begin_s"] + phase["receiver/receive_s"] <= sync["sync_receiver_load_s"]
-    assert phase["receiver/end_s"] + phase["receiver/reset_caches_s"] <= sync["sync_receiver_finish_s"]
+    worker_parts = ("begin_worker_s", "receive_transfer_s", "receive_load_s", "end_worker_s")
+    assert all(phase[f"receiver/{k}"] > 0 for k in worker_parts)
+    assert phase["receiver/receive_s"] >= sum(phase[f"receiver/{k}"] for k in worker_parts)
+    assert phase["receiver/receive_s"] <= sync["sync_receiver_load_s"]
+    assert phase["receiver/reset_caches_s"] <= sync["sync_receiver_finish_s"]
     assert sum(phase[f"sender/{k}"] for k in ("plan_s", "pack_s", "send_s", "wait_s")) <= sync["sync_s"]
     assert max(_gaps(ray, group, rollouts, config)) < 1e-3
     first_tokens = ray.get([r.weight_group_token.remote() for r in rollouts])
@@ -123,9 +124,9 @@ def test_collective_sync_lands_the_learner_weights_in_every_engine_and_survives_
     assert ray.get([r.health.remote() for r in rollouts])[1]["version"] == 1
 
     # A restarted engine lost its group and its weights: the next sync forms a new group for all.
-    uptime = ray.get(rollouts[1].health.remote())["uptime_s"]
+    pid = ray.get(rollouts[1].health.remote())["pid"]
     ray.kill(rollouts[1], no_restart=False)
-    assert _restarted(ray, rollouts[1], uptime)
+    assert _restarted(ray, rollouts[1], pid)
     assert ray.get(rollouts[1].weight_group_token.remote()) is None
     _perturb(ray, rollouts[1], tiny_model_dir, seed=7)
     group.broadcast_weights(rollouts, version=2)

@@ -32,6 +32,29 @@ sync_colocated() {  # issue 9: learner and engine on one GPU, weights over CUDA 
      --out "$OUT/weight_sync-$GPU-3b-cuda_ipc-$tag.json")
 }
 
+sync_2gpu() {  # issue 10: learner on GPU 0, engine on GPU 1, weights over NCCL. Tags: in_place (recorded
+  local tag=${1:-in_place}  # copies replayed), loaders (in place, loaders every sync), layerwise
+  step "sync_2gpu $tag"
+  (cd benchmarks && FOURDTHINKER_LAYERWISE_RELOAD=$([ "$tag" = layerwise ] && echo 1 || echo 0) \
+     FOURDTHINKER_WEIGHT_REPLAY=$([ "$tag" = in_place ] && echo 1 || echo 0) \
+     python weight_sync.py --model /tmp/qwen3b \
+     --out "$OUT/weight_sync-$GPU-3b-nccl-2gpu-$tag.json")
+}
+
+grpo_2gpu() {  # issue 10: the pipeline with the engine on one GPU and the learner on the other
+  local tag=${1:-base}; shift || true
+  step "grpo_2gpu $tag"
+  (cd benchmarks && python grpo_step.py --config ../configs/3b/grpo_2gpu.yaml --steps 3 model_dir=/tmp/qwen3b \
+     "$@" --out "$OUT/grpo_step-$GPU-3b-2gpu-$tag.json")
+}
+
+rollout_profile() {  # issue 4: torch profiles of a short plugin run and a plain (V1 runner) one, one archive
+  step rollout_profile
+  (cd benchmarks && python rollout.py --model /tmp/qwen3b --prompts 64 --prompt-tokens 256 --new-tokens 512 \
+     --engines plugin,plain_v1 --profile-dir /tmp/profile --profile-tokens 64 --out "$OUT/rollout-$GPU-3b-profiled.json")
+  tar -czf "$OUT/rollout-profile.tgz" -C /tmp profile
+}
+
 grpo_1gpu() {  # issue 9: the colocated pipeline (engine sleeps while the learner trains); extra: overrides
   local tag=${1:-base}; shift || true
   step "grpo_1gpu $tag"
@@ -69,7 +92,7 @@ dift() {  # issue 3: one DIFT step at the 3B shape; extra arguments pass through
 
 for s in "$@"; do
   case $s in
-    dift:*|grpo_1gpu:*|sync_colocated:*|rollout:*|preprocess:*) IFS=: read -r name tag rest <<< "$s"; "$name" "$tag" ${rest//,/ } ;;
+    dift:*|grpo_1gpu:*|grpo_2gpu:*|sync_colocated:*|sync_2gpu:*|rollout:*|preprocess:*) IFS=: read -r name tag rest <<< "$s"; "$name" "$tag" ${rest//,/ } ;;
     *) "$s" ;;
   esac
 done

@@ -8,6 +8,7 @@ use the same GPU in colocated mode.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,7 +62,8 @@ class RolloutWorker:
         from begin to here, `finish_s` for the close, and `phases`, the finer split."""
         llm = self.generator.llm
         loaded = time.perf_counter()
-        self._phases["end_worker_s"] = max(self._rpc("end_s", "bucket_update_end"))
+        if "end_worker_s" not in self._phases:  # not closed by the workers themselves
+            self._phases["end_worker_s"] = max(self._rpc("end_s", "bucket_update_end"))
         start = time.perf_counter()
         llm.reset_prefix_cache()
         llm.llm_engine.reset_encoder_cache()
@@ -99,10 +101,13 @@ class RolloutWorker:
 
     def receive_weights(self, layouts: list, version: int) -> dict[str, Any]:
         """Every bucket of one sync, broadcast by learner rank 0 (`CollectiveWeightSync`)."""
-        self.begin_weight_update([n for names, _, _ in layouts for n in names])
-        worker = self._rpc("receive_s", "weight_group_receive", layouts)
-        self._phases["receive_transfer_s"] = max(w["transfer_s"] for w in worker)
-        self._phases["receive_load_s"] = max(w["load_s"] for w in worker)
+        self._update_started = time.perf_counter()
+        self._phases = {}
+        names = [n for bucket_names, _, _ in layouts for n in bucket_names]
+        worker = self._rpc("receive_s", "weight_group_update", names, layouts)  # begin, buckets, end
+        for key, phase in (("begin_s", "begin_worker_s"), ("transfer_s", "receive_transfer_s"),
+                           ("load_s", "receive_load_s"), ("end_s", "end_worker_s")):
+            self._phases[phase] = max(w[key] for w in worker)
         return self.finish_weight_update(version)
 
     def probe_weight_group(self, sizes: list[int]) -> int:
@@ -125,7 +130,8 @@ class RolloutWorker:
             self.asleep = False
 
     def health(self) -> dict[str, Any]:
-        return {"version": self.version, "asleep": self.asleep, "uptime_s": time.time() - self.started,
+        # pid: a restarted actor is a new process (its uptime alone can't tell a fast restart apart)
+        return {"version": self.version, "asleep": self.asleep, "pid": os.getpid(), "uptime_s": time.time() - self.started,
                 "generated_tokens": self.generated_tokens}
 
 

@@ -82,6 +82,18 @@ class LatentWorkerExtension:
             return False
         return current_platform.is_cuda() and self.model_runner.vllm_config.model_config.quantization is None
 
+    def _bucket_loader(self):
+        """`load(layout, flat)`: the model's loaders, replayed as recorded copies where they load in
+        place (`fourdthinker.weight_replay`)."""
+        from fourdthinker.weight_replay import ReplayingLoader
+
+        loader = getattr(self, "_replaying_loader", None)
+        if loader is None:
+            loader = self._replaying_loader = ReplayingLoader(self.model_runner.get_model())
+        # FOURDTHINKER_WEIGHT_REPLAY=0 keeps the loaders on every sync (to measure what replay saves)
+        loader.enabled = self._loads_in_place() and os.environ.get("FOURDTHINKER_WEIGHT_REPLAY") != "0"
+        return loader
+
     def bucket_update_begin(self, names: list[str] | None = None) -> float:
         """Start a reload of the sub-models that own `names` (checkpoint names; None: the whole
         model). A frozen vision tower is never sent, and so never torn down and rebuilt either.
@@ -107,20 +119,19 @@ class LatentWorkerExtension:
 
     def load_weight_bucket(self, names, shapes, dtypes, data: bytes) -> int:
         """Load one `WeightBucket` (in its wire form): one buffer copy, then the model's own loader."""
-        from fourdthinker.weights import WeightBucket, unpack_bucket
+        from fourdthinker.weights import WeightBucket
 
-        model = self.model_runner.get_model()
-        tensors = unpack_bucket(WeightBucket.from_wire(names, shapes, dtypes, data), self.model_runner.device)
-        model.load_weights(tensors)
-        return len(tensors)
+        bucket = WeightBucket.from_wire(names, shapes, dtypes, data)
+        self._bucket_loader()(bucket.layout, bucket.flat.to(self.model_runner.device))
+        return len(names)
 
     def load_weight_bucket_ipc(self, layout, handle: bytes) -> int:
         """Load one bucket that lives in another process's GPU memory (`CudaIpcWeightSync`)."""
         from fourdthinker.weight_sync import open_ipc_bucket
-        from fourdthinker.weights import BucketLayout, unpack
+        from fourdthinker.weights import BucketLayout
 
         flat = open_ipc_bucket(handle, self.model_runner.device)
-        self.model_runner.get_model().load_weights(unpack(BucketLayout.from_wire(*layout), flat))
+        self._bucket_loader()(BucketLayout.from_wire(*layout), flat)
         torch.cuda.synchronize(self.model_runner.device)  # copied out before the sender frees it
         return flat.numel()
 
@@ -140,7 +151,14 @@ class LatentWorkerExtension:
         from fourdthinker.weights import BucketLayout
 
         return receive_buckets(self._joined_group(), [BucketLayout.from_wire(*w) for w in layouts],
-                               self.model_runner.device, self.model_runner.get_model().load_weights)
+                               self.model_runner.device, self._bucket_loader())
+
+    def weight_group_update(self, names: list[str] | None, layouts) -> dict[str, float]:
+        """A whole sync in one RPC: begin, every bucket of the broadcast, end (one round trip into the
+        engine instead of three). Returns `weight_group_receive`'s figures with begin_s and end_s."""
+        begin = self.bucket_update_begin(names)
+        out = self.weight_group_receive(layouts)
+        return {**out, "begin_s": begin, "end_s": self.bucket_update_end()}
 
     def weight_group_probe(self, sizes: list[int]) -> int:
         """Receive plain buffers of these sizes and drop them: the bandwidth probe's far end."""
