@@ -136,34 +136,38 @@ def main() -> int:
         if cuda:
             torch.cuda.synchronize()
 
-    def optimizer_step(split: dict[str, float]):
-        """grad_accum micro-batches then the optimizer step, timed by phase (the host waits for
-        the device between phases, so each phase is its own)."""
+    def optimizer_step(split: dict[str, float] | None = None):
+        """grad_accum micro-batches then the optimizer step. With `split`, timed by phase: the host
+        waits for the device between phases, so each phase is its own, but the waits cost the
+        device its queue, so the timed steps run without them."""
+        mark = sync if split is not None else (lambda: None)
         for _ in range(args.grad_accum):
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
                 out = dift_forward(engine.module, batch, ids)
-            sync()
+            mark()
             t1 = time.perf_counter()
             engine.backward(out.loss)
-            sync()
+            mark()
             t2 = time.perf_counter()
             engine.step()  # applies the optimizer on the last micro-batch only
-            sync()
-            split["forward"] += t1 - t0
-            split["backward"] += t2 - t1
-            split["step"] += time.perf_counter() - t2
+            mark()
+            if split is not None:
+                split["forward"] += t1 - t0
+                split["backward"] += t2 - t1
+                split["step"] += time.perf_counter() - t2
         return out
 
-    times, phases = [], {"forward": 0.0, "backward": 0.0, "step": 0.0}
+    times = []
     for step in range(args.steps + 1):
-        split = {k: 0.0 for k in phases}
         sync()
         t0 = time.perf_counter()
-        out = optimizer_step(split)
-        if step > 0:  # the first step includes allocator and kernel warm-up
+        out = optimizer_step()
+        sync()
+        if step > 0:  # the first step includes allocator and kernel warm-up (and compilation)
             times.append(time.perf_counter() - t0)
-            phases = {k: phases[k] + split[k] / args.steps for k in phases}
+    phases = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+    optimizer_step(phases)  # one more step, split by phase
     top = _profile(optimizer_step, {k: 0.0 for k in phases}, cuda) if args.profile else None
     seconds = sum(times) / len(times)
     flops = args.grad_accum * (6 * n_train * tokens + 2 * n_vision * patches)

@@ -98,7 +98,7 @@ def run_engine(engine: str, args) -> dict:
         latents = 0
         if engine == "plugin":  # handing the vectors out is part of a rollout's cost
             popped = llm.collective_rpc("latent_pop", args=([f"b{i}" for i in range(len(batch))],))[0]
-            latents = sum(len(pos) for pos, _, _ in popped.values())
+            latents = sum(popped["counts"])
         seconds = time.perf_counter() - t0
         pop_s = seconds - (generated - t0)
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)

@@ -31,7 +31,11 @@ def window_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     if cu_seq_lens_q is None or query.shape[0] != 1 or is_causal or attention_mask is not None:
         raise ValueError(f"{NAME} serves the vision tower's packed, non-causal window attention only; "
                          "set it on the vision sub-config (use_window_attention), not on the language model")
-    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
+    # transformers hands the same tensor for both; comparing values on a GPU would synchronize
+    # the host with the device in every layer, so there only another shape is caught
+    if cu_seq_lens_k is not None and cu_seq_lens_k is not cu_seq_lens_q and (
+            cu_seq_lens_k.shape != cu_seq_lens_q.shape
+            or (not cu_seq_lens_q.is_cuda and not torch.equal(cu_seq_lens_k, cu_seq_lens_q))):
         raise ValueError(f"{NAME}: queries and keys must share their windows")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, dim]
     cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)

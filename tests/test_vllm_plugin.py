@@ -198,3 +198,20 @@ def test_update_weights_changes_outputs_exactly_as_the_new_weights_do(hf, genera
     finally:
         model.load_state_dict(original, strict=False)
         worker.update_weights(list(pack_buckets(original.items())), version=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_latent_vectors_travel_in_one_blob_bit_exact_in_the_engine_dtype(dtype):
+    from fourdthinker.vllm_plugin.extension import decode_latents, encode_latents
+
+    g = torch.Generator().manual_seed(0)
+    popped = {"a": ([5, 6], torch.randn(2, 8, generator=g).to(dtype)), "empty": ([], None),
+              "b": ([9, 10, 11], torch.randn(3, 8, generator=g).to(dtype))}
+    wire = encode_latents(popped)
+    assert isinstance(wire["data"], bytes) and wire["counts"] == [2, 0, 3]
+    back = decode_latents(wire)
+    assert list(back) == ["a", "empty", "b"] and back["empty"] == ([], None)
+    for key in ("a", "b"):
+        assert back[key][0] == popped[key][0]
+        assert back[key][1].dtype == dtype and torch.equal(back[key][1], popped[key][1])
+    assert decode_latents(encode_latents({"x": ([], None)})) == {"x": ([], None)}

@@ -50,19 +50,14 @@ class LatentWorkerExtension:
             raise RuntimeError("latent decoding is not attached: call latent_attach first")
         return state
 
-    def latent_pop(self, keys: list[str]) -> dict[str, tuple[list[int], bytes, int]]:
-        """Vectors fed per request key: (token positions, float32 bytes of [n, H], H).
-
-        Raw bytes, because vLLM's multi-process RPC encodes tensors as nested lists;
-        `decode_latents` turns them back into tensors.
-        """
-        out = {}
-        for key, (pos, vectors) in self._latent_state().pop(list(keys)).items():
-            if vectors is None:
-                out[key] = (pos, b"", 0)
-            else:
-                out[key] = (pos, vectors.to("cpu", torch.float32).contiguous().numpy().tobytes(), vectors.shape[-1])
-        return out
+    def latent_pop(self, keys: list[str]) -> dict:
+        """The vectors fed to each request key, all keys in one blob: `{"keys", "positions" (token
+        positions per key), "counts" (vectors per key), "dtype", "hidden", "data"}`, where data is
+        the raw bytes of every key's [n, H] vectors back to back, in the engine's dtype (what was
+        fed; bf16 on a GPU). One device-to-host copy for the whole batch, not one per request, and
+        raw bytes because vLLM's multi-process RPC encodes tensors as nested lists.
+        `decode_latents` turns it back into tensors."""
+        return encode_latents(self._latent_state().pop(list(keys)))
 
     def latent_injected_rows(self) -> int:
         return self._latent_state().injected_rows
@@ -196,10 +191,24 @@ class LatentWorkerExtension:
         return {n: float(p.detach().double().sum()) for n, p in model.named_parameters()}
 
 
-def decode_latents(popped: dict[str, tuple[list[int], bytes, int]]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
-    """The inverse of `latent_pop`'s wire format: key -> (positions, float32 [n, H] or None)."""
-    out = {}
-    for key, (pos, raw, hidden) in popped.items():
-        vectors = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(-1, hidden) if raw else None
-        out[key] = (list(pos), vectors)
+def encode_latents(popped: dict[str, tuple[list[int], torch.Tensor | None]]) -> dict:
+    """`latent_pop`'s wire format of key -> (positions, [n, H] vectors or None)."""
+    parts = [vectors for _, vectors in popped.values() if vectors is not None]
+    flat = torch.cat(parts).cpu() if parts else torch.zeros(0, 0)
+    return {"keys": list(popped), "positions": [list(pos) for pos, _ in popped.values()],
+            "counts": [0 if v is None else int(v.shape[0]) for _, v in popped.values()],
+            "dtype": str(flat.dtype).removeprefix("torch."), "hidden": int(flat.shape[-1]),
+            "data": flat.contiguous().view(torch.uint8).numpy().tobytes() if parts else b""}
+
+
+def decode_latents(popped: dict) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+    """The inverse of `latent_pop`'s wire format: key -> (positions, [n, H] in the engine's dtype, or None)."""
+    flat = torch.zeros(0)
+    if popped["data"]:
+        raw = torch.frombuffer(bytearray(popped["data"]), dtype=torch.uint8)
+        flat = raw.view(getattr(torch, popped["dtype"])).view(-1, popped["hidden"])
+    out, row = {}, 0
+    for key, pos, n in zip(popped["keys"], popped["positions"], popped["counts"]):
+        out[key] = (list(pos), flat[row: row + n] if n else None)
+        row += n
     return out

@@ -49,7 +49,7 @@ class Completion:
     token_ids: list[int]
     text: str
     logprobs: list[float]  # raw log-prob of each generated token (forced ones included)
-    latents: torch.Tensor | None  # [num_latent_slots, hidden] float32, the vectors fed
+    latents: torch.Tensor | None  # [num_latent_slots, hidden] the vectors fed, in the engine's dtype
     latent_positions: list[int]  # completion-relative index of each latent slot
     finish_reason: str
     error: str | None = None
