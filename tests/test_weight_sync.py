@@ -173,3 +173,41 @@ def test_zero3_learner_with_mixed_prompts_trains_and_gathers_its_shards_into_one
     finally:
         group.shutdown()
         ray.kill(rollout)
+
+
+class _StubEngine:
+    """Records the cache resets a weight update asks of its engine."""
+
+    def __init__(self):
+        self.calls = []
+        self.llm_engine = self
+
+    def collective_rpc(self, method, args=()):
+        return [{"begin_s": 0.0, "transfer_s": 0.0, "load_s": 0.0, "end_s": 0.0}] \
+            if method == "weight_group_update" else [0.0]
+
+    def reset_prefix_cache(self):
+        self.calls.append("prefix")
+
+    def reset_encoder_cache(self):
+        self.calls.append("encoder")
+
+
+@pytest.mark.parametrize("names, resets", [
+    (["model.language_model.layers.0.mlp.up_proj.weight", "lm_head.weight"], ["prefix"]),
+    (["model.visual.blocks.0.attn.qkv.weight", "lm_head.weight"], ["prefix", "encoder"]),
+])
+def test_an_update_keeps_cached_vision_outputs_unless_the_vision_tower_changed(names, resets):
+    from types import SimpleNamespace
+
+    from fourdthinker.actors.rollout import RolloutWorker
+
+    for update in ("collective", "buckets"):
+        engine = _StubEngine()
+        worker = RolloutWorker(generator=SimpleNamespace(llm=engine))
+        if update == "collective":
+            receipt = worker.receive_weights([(names, [[1]] * len(names), ["float32"] * len(names))], version=3)
+        else:
+            worker.begin_weight_update(names)
+            receipt = worker.finish_weight_update(3)
+        assert receipt["version"] == 3 and engine.calls == resets

@@ -48,16 +48,23 @@ class RolloutWorker:
         self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - start
         return out
 
-    def begin_weight_update(self, names: Sequence[str] | None = None) -> None:
-        """Open an update of the parameters `names` (HF names; None: all of them)."""
+    def _open_update(self, names: Sequence[str] | None) -> None:
         self._update_started = time.perf_counter()
         self._phases = {}
+        # Cached vision-encoder outputs stay valid unless the vision tower itself changes (DIFT and
+        # GRPO keep it frozen, so its weights never travel).
+        self._vision_changes = names is None or any(".visual." in f".{n}" for n in names)
+
+    def begin_weight_update(self, names: Sequence[str] | None = None) -> None:
+        """Open an update of the parameters `names` (HF names; None: all of them)."""
+        self._open_update(names)
         worker = self._rpc("begin_s", "bucket_update_begin", list(names) if names is not None else None)
         self._phases["begin_worker_s"] = max(worker)
 
     def finish_weight_update(self, version: int) -> dict[str, Any]:
         """Close the update, then drop what belongs to the old weights: cached KV blocks (and so
-        the latent vectors they imply) and cached vision-encoder outputs of recurring videos.
+        the latent vectors they imply) and, if the vision tower changed, cached vision-encoder
+        outputs of recurring videos.
         Returns the new version and where the time went (to see a slow sync's cause): `load_s`
         from begin to here, `finish_s` for the close, and `phases`, the finer split."""
         llm = self.generator.llm
@@ -66,7 +73,8 @@ class RolloutWorker:
             self._phases["end_worker_s"] = max(self._rpc("end_s", "bucket_update_end"))
         start = time.perf_counter()
         llm.reset_prefix_cache()
-        llm.llm_engine.reset_encoder_cache()
+        if self._vision_changes:
+            llm.llm_engine.reset_encoder_cache()
         self._phases["reset_caches_s"] = time.perf_counter() - start
         self.version = int(version)
         done = time.perf_counter()
@@ -101,9 +109,8 @@ class RolloutWorker:
 
     def receive_weights(self, layouts: list, version: int) -> dict[str, Any]:
         """Every bucket of one sync, broadcast by learner rank 0 (`CollectiveWeightSync`)."""
-        self._update_started = time.perf_counter()
-        self._phases = {}
         names = [n for bucket_names, _, _ in layouts for n in bucket_names]
+        self._open_update(names)
         worker = self._rpc("receive_s", "weight_group_update", names, layouts)  # begin, buckets, end
         for key, phase in (("begin_s", "begin_worker_s"), ("transfer_s", "receive_transfer_s"),
                            ("load_s", "receive_load_s"), ("end_s", "end_worker_s")):
