@@ -27,7 +27,7 @@ from fourdthinker.tokens import LatentIds
 IGNORE_INDEX = -100
 _LEFT_PADDED = "prompts must be left-padded (build them with fourdthinker.data.collate.prompt_batch)"
 _VISION_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "pixel_values",
-                "image_grid_thw")
+                "image_grid_thw", "video_index")
 
 
 def load_model(model_dir, dtype: torch.dtype, attn_implementation: str | None = None,
@@ -148,11 +148,14 @@ def embed_with_latents(model, input_ids: Tensor, latent_mask: Tensor, latent_vec
                        pixel_values_videos: Tensor | None = None, video_grid_thw: Tensor | None = None,
                        second_per_grid_ts: Tensor | None = None, attention_mask: Tensor | None = None,
                        pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
-                       ) -> tuple[Tensor, Tensor]:
+                       video_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Input embeddings with vision features and latent vectors in place, and M-RoPE positions.
 
-    `latent_vectors[k]` goes to the k-th True of `latent_mask` in row-major order. Returns
-    (inputs_embeds [B, T, H], position_ids [3, B, T]). A frozen vision tower runs without autograd.
+    `latent_vectors[k]` goes to the k-th True of `latent_mask` in row-major order. The videos are
+    those of the rows in order, or, with `video_index` (`data.collate.row_prompt_batch`), distinct
+    videos that rows share: `video_index[j]` is the video of the j-th video in the rows, so each
+    distinct video goes through the tower once. Returns (inputs_embeds [B, T, H],
+    position_ids [3, B, T]). A frozen vision tower runs without autograd.
     Positions follow the original Qwen2.5-VL rule (`fourdthinker.mrope`), the one vLLM serves with,
     not transformers 5.x's `get_rope_index`, which resumes text after a video too early.
     """
@@ -160,6 +163,9 @@ def embed_with_latents(model, input_ids: Tensor, latent_mask: Tensor, latent_vec
     with torch.set_grad_enabled(torch.is_grad_enabled() and not _vision_is_frozen(model)):
         videos = _vision_features(model, pixel_values_videos, video_grid_thw, videos=True)
         images = _vision_features(model, pixel_values, image_grid_thw, videos=False)
+    if video_index is not None and videos is not None:
+        videos, video_grid_thw, second_per_grid_ts = _videos_of_rows(
+            model, videos, video_grid_thw, second_per_grid_ts, video_index.to(videos.device))
     embeds = model.get_input_embeddings()(input_ids)
     if videos is not None:
         embeds = _scatter(embeds, input_ids == config.video_token_id, videos, "video")
@@ -172,6 +178,22 @@ def embed_with_latents(model, input_ids: Tensor, latent_mask: Tensor, latent_vec
                                             video_grid_thw=video_grid_thw,
                                             second_per_grid_ts=second_per_grid_ts)
     return embeds, position_ids
+
+
+def _videos_of_rows(model, features: Tensor, grid_thw: Tensor, seconds, video_index: Tensor):
+    """Per-video merged features (and grids, seconds per grid) repeated into the rows' order."""
+    merge = model.config.vision_config.spatial_merge_size
+    counts = (grid_thw.prod(-1) // (merge * merge)).to(features.device)
+    first = torch.cumsum(counts, 0) - counts
+    take = counts[video_index]
+    # row j's features are first[video j] + 0..take[j]-1, laid out back to back
+    start = torch.repeat_interleave(first[video_index] - (torch.cumsum(take, 0) - take), take)
+    rows = start + torch.arange(start.shape[0], device=features.device)
+    if isinstance(seconds, list):
+        seconds = torch.tensor(seconds)
+    if seconds is not None:
+        seconds = seconds[video_index.to(seconds.device)]
+    return features[rows], grid_thw[video_index.to(grid_thw.device)], seconds
 
 
 def _no_vectors(model) -> Tensor:

@@ -318,6 +318,26 @@ def test_completion_logprobs_reproduce_generation_only_with_its_latents(model, i
         completion_logprobs(model, inputs, gen.sequences, [v[:1] for v in gen.latents], ids)
 
 
+def test_rows_sharing_prompts_score_as_if_each_row_had_its_own_video(model, processor, ids, prompts, batched):
+    """GRPO scores G completions per prompt: `row_prompt_batch` processes each distinct video once and
+    the tower sees it once, and the log-probs equal those of one video per row."""
+    from fourdthinker.data.collate import row_prompt_batch
+
+    _, gen = batched
+    index = [2, 0, 2, 3, 0, 2]  # shared videos, rows out of order, a text-only prompt between
+    completions, latents = [gen.sequences[i] for i in index], [gen.latents[i] for i in index]
+    per_row = prompt_batch(processor, [prompts[i] for i in index])
+    shared = row_prompt_batch(processor, prompts, index)
+    assert torch.equal(shared["input_ids"], per_row["input_ids"])
+    assert torch.equal(shared["attention_mask"], per_row["attention_mask"])
+    assert shared["video_grid_thw"].shape[0] == 2 < per_row["video_grid_thw"].shape[0] == 5
+    assert shared["video_index"].tolist() == [1, 0, 1, 0, 1]  # distinct prompts 0, 2 (3 has no video)
+    expected = completion_logprobs(model, per_row, completions, latents, ids)
+    got = completion_logprobs(model, shared, completions, latents, ids)
+    for e, g in zip(expected, got):
+        assert torch.allclose(e, g, atol=1e-5)
+
+
 def test_completion_logprobs_are_differentiable(model, ids, batched):
     inputs, gen = batched
     model.zero_grad(set_to_none=True)

@@ -117,9 +117,11 @@ class LearnerWorker:
 
     # -- scoring -----------------------------------------------------------------------------------
     def _inputs(self, prompts: Sequence[Prompt], rows: TrainRows) -> dict[str, torch.Tensor]:
-        from fourdthinker.data.collate import prompt_batch
+        # A micro-batch holds several completions of one prompt: its video is processed and goes
+        # through the vision tower once, not once per row.
+        from fourdthinker.data.collate import row_prompt_batch
 
-        encoded = prompt_batch(self.processor, [prompts[i] for i in rows.prompt_index])
+        encoded = row_prompt_batch(self.processor, prompts, rows.prompt_index)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in encoded.items()}
 
     def _logprobs(self, model, inputs: dict, rows: TrainRows) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,6 +68,28 @@ def prompt_batch(processor, prompts: list[tuple[str, Sequence[Image.Image] | Non
     return {k: encoded[k] for k in _PROMPT_KEYS if k in encoded}
 
 
+def row_prompt_batch(processor, prompts: Sequence[tuple[str, Sequence[Image.Image] | None]],
+                     prompt_index: Sequence[int]) -> dict:
+    """`prompt_batch` for rows that share prompts (a GRPO group: G completions of one prompt), with
+    every distinct prompt encoded, and its video processed, once. input_ids and attention_mask are
+    per row; the video tensors are per distinct video, and `video_index` (one entry per row that has
+    a video, in row order) says which video each such row shows, so the tower runs once per video
+    (`model.embed_with_latents`)."""
+    index = torch.as_tensor(list(prompt_index), dtype=torch.long)
+    if index.numel() == 0:
+        raise ValueError("row_prompt_batch: no rows given")
+    distinct, row_prompt = torch.unique(index, return_inverse=True)
+    encoded = prompt_batch(processor, [prompts[i] for i in distinct.tolist()])
+    out = {k: v for k, v in encoded.items() if k not in ("input_ids", "attention_mask")}
+    out["input_ids"] = encoded["input_ids"][row_prompt]
+    out["attention_mask"] = encoded["attention_mask"][row_prompt]
+    if "video_grid_thw" in encoded:
+        has_video = torch.tensor([bool(prompts[i][1]) for i in distinct.tolist()])
+        video_of_prompt = torch.cumsum(has_video.long(), 0) - 1  # videos are in distinct-prompt order
+        out["video_index"] = video_of_prompt[row_prompt][has_video[row_prompt]]
+    return out
+
+
 class DiftCollator:
     """Turns `DiftSample`s into a right-padded DIFT batch.
 
