@@ -120,6 +120,10 @@ class _CopyRecorder(TorchDispatchMode):
                     self.sources.append(_Source(src.dtype, tuple(src.shape), tuple(src.stride()),
                                                 src.storage_offset() * src.element_size() - self.flat_start))
                     self.touched[_storage_ptr(dst)] = owner
+            elif isinstance(src, torch.Tensor) and _storage_ptr(src) == self.flat_ptr:
+                # into memory that is no parameter or buffer: a weight kept elsewhere, which a
+                # replay would miss
+                self._refuse(f"a bucket tensor is copied outside the model's parameters ({tuple(dst.shape)})")
         elif func is torch.ops.aten.fill_.Scalar and _storage_ptr(args[0]) in self.model_storages:
             self.fills.append((args[0], args[1]))
             self.touched[_storage_ptr(args[0])] = self.model_storages[_storage_ptr(args[0])]

@@ -103,6 +103,9 @@ class _Fused(torch.nn.Module):
                 target.add_(w)
             elif self.mode == "reallocate" and name == "bias":
                 self.bias.data = w.clone()
+            elif self.mode == "elsewhere" and name == "bias":  # a weight kept outside the parameters
+                self.side = torch.empty_like(w)
+                self.side.copy_(w)
             elif self.mode == "overlap" and name == "q":  # two bucket views into shared rows
                 self.qk.data[: self.rows].copy_(w)
                 self.qk.data[1: self.rows + 1].copy_(w)
@@ -129,7 +132,8 @@ def test_a_bf16_bucket_replays_into_fp32_parameters_as_the_loader_converts():
 
 
 @pytest.mark.parametrize("mode, reason", [("scaled", "computed tensor"), ("accumulate", "writes into a parameter"),
-                                          ("reallocate", "re-allocated"), ("overlap", "same parameter bytes")])
+                                          ("reallocate", "re-allocated"), ("overlap", "same parameter bytes"),
+                                          ("elsewhere", "outside the model's parameters")])
 def test_a_load_that_is_more_than_copies_stays_on_the_loaders(mode, reason):
     model = _Fused()
     model.mode = mode
