@@ -181,6 +181,10 @@ class DiftConfig:
             raise ConfigError("train_jsonl: required (a DIFT JSONL file)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.compile and self.zero_stage == 3:
+            # ZeRO-3 gathers each sub-module's parameters in hooks inside the blocks compile fuses
+            raise ConfigError("compile: true needs zero_stage 0-2 (ZeRO-3's per-module parameter "
+                              "gathering runs inside the compiled blocks); set compile: false")
         for name in ("per_device_batch_size", "grad_accum", "num_workers", "epochs", "latent_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

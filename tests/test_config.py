@@ -31,6 +31,12 @@ def test_bad_values_name_the_key(override, needle):
         load_config(DiftConfig, None, ["model_dir=/m", "train_jsonl=/d", override])
 
 
+def test_compiled_blocks_are_refused_under_zero3():
+    with pytest.raises(ConfigError, match="compile"):
+        load_config(DiftConfig, None, ["model_dir=/m", "train_jsonl=/d", "compile=true", "zero_stage=3"])
+    assert load_config(DiftConfig, None, ["model_dir=/m", "train_jsonl=/d", "compile=true"]).compile
+
+
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="no-such.yaml"):
         load_config(DiftConfig, "no-such.yaml")
