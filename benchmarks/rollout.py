@@ -122,7 +122,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--latent-every", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--engines", nargs="+", default=[",".join(ENGINES)],
+                        help="engines, comma- or space-separated (figures.sh turns commas into spaces)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rollout-<device>.json)")
     parser.add_argument("--profile-dir", help="also profile a short run of each vLLM engine (torch traces here)")
     parser.add_argument("--profile-tokens", type=int, default=64, help="new tokens of the profiled run")
@@ -134,7 +135,7 @@ def main() -> int:
         return 0
 
     rows = []
-    for engine in args.engines.split(","):
+    for engine in [e for item in args.engines for e in item.split(",") if e]:
         if engine not in ENGINES + EXTRA_ENGINES:
             raise SystemExit(f"--engines: {engine!r} is none of {ENGINES + EXTRA_ENGINES}")
         cmd = [sys.executable, __file__, "--engine", engine] + sys.argv[1:]

@@ -62,7 +62,7 @@ grpo_1gpu() {  # issue 9: the colocated pipeline (engine sleeps while the learne
      "$@" --out "$OUT/grpo_step-$GPU-3b-1gpu-$tag.json")
 }
 
-rollout() {  # issue 4: HF reference vs plugin vs plain vLLM; extra: e.g. --engines,plugin,plain
+rollout() {  # issue 4: HF reference vs plugin vs plain vLLM; extra: e.g. --engines,plugin,plain,plain_v1
   local tag=${1:-all}; shift || true
   step "rollout $tag"
   (cd benchmarks && python rollout.py --model /tmp/qwen3b --prompts 64 --prompt-tokens 256 --new-tokens 512 \
