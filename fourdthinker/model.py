@@ -163,6 +163,8 @@ def embed_with_latents(model, input_ids: Tensor, latent_mask: Tensor, latent_vec
     with torch.set_grad_enabled(torch.is_grad_enabled() and not _vision_is_frozen(model)):
         videos = _vision_features(model, pixel_values_videos, video_grid_thw, videos=True)
         images = _vision_features(model, pixel_values, image_grid_thw, videos=False)
+    if isinstance(second_per_grid_ts, list):
+        second_per_grid_ts = torch.tensor(second_per_grid_ts)
     if video_index is not None and videos is not None:
         videos, video_grid_thw, second_per_grid_ts = _videos_of_rows(
             model, videos, video_grid_thw, second_per_grid_ts, video_index.to(videos.device))
@@ -172,15 +174,13 @@ def embed_with_latents(model, input_ids: Tensor, latent_mask: Tensor, latent_vec
     if images is not None:
         embeds = _scatter(embeds, input_ids == config.image_token_id, images, "image")
     embeds = _scatter(embeds, latent_mask, latent_vectors, "latent")
-    if isinstance(second_per_grid_ts, list):
-        second_per_grid_ts = torch.tensor(second_per_grid_ts)
     position_ids, _ = model_mrope_positions(model, input_ids, attention_mask, image_grid_thw=image_grid_thw,
                                             video_grid_thw=video_grid_thw,
                                             second_per_grid_ts=second_per_grid_ts)
     return embeds, position_ids
 
 
-def _videos_of_rows(model, features: Tensor, grid_thw: Tensor, seconds, video_index: Tensor):
+def _videos_of_rows(model, features: Tensor, grid_thw: Tensor, seconds: Tensor | None, video_index: Tensor):
     """Per-video merged features (and grids, seconds per grid) repeated into the rows' order."""
     merge = model.config.vision_config.spatial_merge_size
     counts = (grid_thw.prod(-1) // (merge * merge)).to(features.device)
@@ -189,8 +189,6 @@ def _videos_of_rows(model, features: Tensor, grid_thw: Tensor, seconds, video_in
     # row j's features are first[video j] + 0..take[j]-1, laid out back to back
     start = torch.repeat_interleave(first[video_index] - (torch.cumsum(take, 0) - take), take)
     rows = start + torch.arange(start.shape[0], device=features.device)
-    if isinstance(seconds, list):
-        seconds = torch.tensor(seconds)
     if seconds is not None:
         seconds = seconds[video_index.to(seconds.device)]
     return features[rows], grid_thw[video_index.to(grid_thw.device)], seconds

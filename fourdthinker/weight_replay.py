@@ -10,8 +10,10 @@ records every `copy_`; later loads of that layout replay the copies with one `_f
 
 A recording is kept only when it provably is the whole load: every write into model memory was a
 `copy_` whose source is a view of the bucket, no parameter was re-allocated, and no two
-destinations overlap. Anything else (a dtype conversion, arithmetic on the loaded tensor, another
-in-place op on a parameter) leaves that layout on the loaders, with the reason logged once.
+destinations overlap (a dtype conversion inside `copy_` is part of the copy, so of the replay).
+Anything else (arithmetic on the loaded tensor, a conversion before the copy, another in-place op on
+a parameter, a bucket tensor copied outside the parameters) leaves that layout on the loaders, with
+the reason logged once.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ broadcast writes into. A `WeightBucket` is a layout with its bytes.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -40,16 +41,17 @@ class BucketLayout:
     dtypes: list[str]  # torch dtype names, e.g. "float32"
 
     @property
+    def slot_bytes(self) -> list[int]:
+        """Bytes each tensor takes in the buffer: its own, padded to ALIGN."""
+        return [_aligned(_nbytes(s, d)) for s, d in zip(self.shapes, self.dtypes)]
+
+    @property
     def offsets(self) -> list[int]:
-        out, offset = [], 0
-        for shape, dtype in zip(self.shapes, self.dtypes):
-            out.append(offset)
-            offset += _aligned(_nbytes(shape, dtype))
-        return out
+        return [0, *itertools.accumulate(self.slot_bytes)][:-1]
 
     @property
     def total_bytes(self) -> int:
-        return sum(_aligned(_nbytes(s, d)) for s, d in zip(self.shapes, self.dtypes))
+        return sum(self.slot_bytes)
 
     def to_wire(self) -> tuple[list[str], list[list[int]], list[str]]:
         """Plain Python values: what any RPC layer (vLLM's msgpack included) carries unchanged."""
@@ -89,14 +91,11 @@ def pack(layout: BucketLayout, tensors: Sequence[torch.Tensor], device: torch.de
     with torch.no_grad():  # no autograd views of parameters: a few fewer host steps per tensor
         raws = [t.reshape(-1).view(torch.uint8) for t in tensors]
         # every destination view from one split (the pads between tensors are the odd pieces)
-        sizes = [n for r, a in zip(raws, _padded_sizes(layout)) for n in (r.numel(), a - r.numel())]
+        sizes = [n for r, a in zip(raws, layout.slot_bytes) for n in (r.numel(), a - r.numel())]
         # one multi-tensor copy (a single kernel on a GPU where all are there), not a launch per tensor
         torch._foreach_copy_(flat.split(sizes)[::2], raws, non_blocking=True)
     return flat
 
-
-def _padded_sizes(layout: BucketLayout) -> list[int]:
-    return [_aligned(_nbytes(s, d)) for s, d in zip(layout.shapes, layout.dtypes)]
 
 
 def unpack(layout: BucketLayout, flat: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
