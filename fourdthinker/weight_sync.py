@@ -200,9 +200,12 @@ class CollectiveWeightSync:
         start = time.perf_counter()
         tokens = [r.weight_group_token.remote() for r in rollouts]  # asked while the layouts are planned
         layouts, tensors = plan_named(named, self.bucket_bytes)
+        planned = time.perf_counter()
         self._ensure_group(rollouts, tokens)
+        checked = time.perf_counter()
         received = [r.receive_weights.remote([layout.to_wire() for layout in layouts], version) for r in rollouts]
-        sender = {"plan_s": time.perf_counter() - start, "pack_s": 0.0, "send_s": 0.0}
+        sender = {"plan_s": planned - start, "check_s": checked - planned,
+                  "issue_s": time.perf_counter() - checked, "pack_s": 0.0, "send_s": 0.0}
         nbytes, in_flight = 0, []
         for layout in layouts:
             t0 = time.perf_counter()

@@ -188,6 +188,7 @@ def test_update_weights_changes_outputs_exactly_as_the_new_weights_do(hf, genera
     perturbed = {n: p.detach() + 0.05 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
     worker = RolloutWorker(generator=generator)  # the actor's logic around the module's engine
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _vllm(generator, requests)  # their KV blocks (prompt and completion) now sit in the prefix cache
     try:
         assert worker.update_weights(list(pack_buckets(perturbed.items(), bucket_bytes=1 << 20)), version=7)["version"] == 7
         assert worker.health()["version"] == 7

@@ -186,7 +186,7 @@ class _StubEngine:
         return [{"begin_s": 0.0, "transfer_s": 0.0, "load_s": 0.0, "end_s": 0.0}] \
             if method == "weight_group_update" else [0.0]
 
-    def reset_prefix_cache(self):
+    def reset_prefix_cache(self):  # O(KV pool): an update salts the prefix cache instead
         self.calls.append("prefix")
 
     def reset_encoder_cache(self):
@@ -194,20 +194,55 @@ class _StubEngine:
 
 
 @pytest.mark.parametrize("names, resets", [
-    (["model.language_model.layers.0.mlp.up_proj.weight", "lm_head.weight"], ["prefix"]),
-    (["model.visual.blocks.0.attn.qkv.weight", "lm_head.weight"], ["prefix", "encoder"]),
+    (["model.language_model.layers.0.mlp.up_proj.weight", "lm_head.weight"], []),
+    (["model.visual.blocks.0.attn.qkv.weight", "lm_head.weight"], ["encoder"]),
 ])
-def test_an_update_keeps_cached_vision_outputs_unless_the_vision_tower_changed(names, resets):
+def test_an_update_salts_the_prefix_cache_and_keeps_vision_outputs_unless_the_tower_changed(names, resets):
     from types import SimpleNamespace
 
     from fourdthinker.actors.rollout import RolloutWorker
 
-    for update in ("collective", "buckets"):
+    salts = []
+    for update in ("collective", "buckets", "collective"):
         engine = _StubEngine()
-        worker = RolloutWorker(generator=SimpleNamespace(llm=engine))
+        worker = RolloutWorker(generator=SimpleNamespace(llm=engine, cache_salt=None))
         if update == "collective":
             receipt = worker.receive_weights([(names, [[1]] * len(names), ["float32"] * len(names))], version=3)
         else:
             worker.begin_weight_update(names)
             receipt = worker.finish_weight_update(3)
         assert receipt["version"] == 3 and engine.calls == resets
+        salts.append(worker.generator.cache_salt)
+    # cached KV blocks of earlier weights can't match: every update salts the prefix cache anew,
+    # the same version number again included
+    assert None not in salts and len(set(salts)) == len(salts)
+
+
+def test_the_learner_lists_what_it_sends_once_and_anew_when_a_parameter_is_reallocated():
+    from types import SimpleNamespace
+
+    from fourdthinker.actors.learner import LearnerWorker
+    from fourdthinker.config import to_dict
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    module[0].bias.requires_grad_(False)
+    worker = LearnerWorker(to_dict(GrpoConfig(model_dir="m", train_jsonl="-", zero_stage=2)), rank=0, world_size=1)
+    worker.engine = SimpleNamespace(module=module)
+
+    def sent():
+        return {n: t.clone() for n, t in worker._full_parameters()}
+
+    first = sent()
+    assert list(first) == ["0.weight", "1.weight", "1.bias"]
+    listed = worker._sync_list
+    with torch.no_grad():
+        module[1].weight.add_(1.0)  # an optimizer step: in place
+    second = sent()
+    assert worker._sync_list is listed  # not listed again
+    torch.testing.assert_close(second["1.weight"], first["1.weight"] + 1.0)
+    module[1].weight.data = torch.zeros(2, 3)  # re-allocated (as a checkpoint load may do)
+    third = sent()
+    assert worker._sync_list is not listed
+    assert torch.equal(third["1.weight"], torch.zeros(2, 3))
+    module[1].bias.requires_grad_(False)  # frozen: no longer sent
+    assert list(sent()) == ["0.weight", "1.weight"]

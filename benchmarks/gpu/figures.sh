@@ -37,7 +37,7 @@ sync_2gpu() {  # issue 10: learner on GPU 0, engine on GPU 1, weights over NCCL.
   step "sync_2gpu $tag"
   (cd benchmarks && FOURDTHINKER_LAYERWISE_RELOAD=$([ "$tag" = layerwise ] && echo 1 || echo 0) \
      FOURDTHINKER_WEIGHT_REPLAY=$([ "$tag" = in_place ] && echo 1 || echo 0) \
-     python weight_sync.py --model /tmp/qwen3b \
+     python weight_sync.py --model /tmp/qwen3b --repeats 5 \
      --out "$OUT/weight_sync-$GPU-3b-nccl-2gpu-$tag.json")
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -62,19 +63,19 @@ class RolloutWorker:
         self._phases["begin_worker_s"] = max(worker)
 
     def finish_weight_update(self, version: int) -> dict[str, Any]:
-        """Close the update, then drop what belongs to the old weights: cached KV blocks (and so
-        the latent vectors they imply) and, if the vision tower changed, cached vision-encoder
-        outputs of recurring videos.
+        """Close the update, then make what belongs to the old weights unusable: cached KV blocks
+        (and so the latent vectors they imply) by a new prefix-cache salt, no reset needed; cached
+        vision-encoder outputs of recurring videos, if the vision tower changed, by a reset.
         Returns the new version and where the time went (to see a slow sync's cause): `load_s`
         from begin to here, `finish_s` for the close, and `phases`, the finer split."""
-        llm = self.generator.llm
         loaded = time.perf_counter()
         if "end_worker_s" not in self._phases:  # not closed by the workers themselves
             self._phases["end_worker_s"] = max(self._rpc("end_s", "bucket_update_end"))
         start = time.perf_counter()
-        llm.reset_prefix_cache()
+        # a fresh salt even for a repeated version number (a restarted learner counts from 1 again)
+        self.generator.cache_salt = f"weights-{int(version)}-{uuid.uuid4().hex[:12]}"
         if self._vision_changes:
-            llm.llm_engine.reset_encoder_cache()
+            self.generator.llm.llm_engine.reset_encoder_cache()
         self._phases["reset_caches_s"] = time.perf_counter() - start
         self.version = int(version)
         done = time.perf_counter()

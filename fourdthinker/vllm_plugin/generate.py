@@ -72,6 +72,11 @@ class LatentGenerator:
         self.max_frames = max_frames
         self.max_pixels = max_pixels
         self.max_model_len = llm.llm_engine.model_config.max_model_len
+        # Part of every prompt's prefix-cache key (vLLM hashes it into a request's first KV block,
+        # and so into every block after it). A new salt per weight version makes blocks computed
+        # with older weights unmatchable, where `reset_prefix_cache` walks every block of the pool
+        # (O(pool), ~2 ms per 50k blocks on the host) on each sync; stale blocks age out as usual.
+        self.cache_salt: str | None = None
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, **engine_kwargs) -> "LatentGenerator":
@@ -103,6 +108,8 @@ class LatentGenerator:
             return _Prepared(None, error=str(err))
         text = self.processor.apply_chat_template(chat_messages(req.text, frames), add_generation_prompt=True)
         prompt: dict[str, Any] = {"prompt": text}
+        if self.cache_salt is not None:
+            prompt["cache_salt"] = self.cache_salt
         num_tokens = len(self.processor.tokenizer(text).input_ids)
         if frames:
             arr = np.stack([np.asarray(f) for f in frames])
