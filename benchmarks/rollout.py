@@ -21,9 +21,9 @@ import time
 from report import write_result  # benchmarks/report.py (scripts run from benchmarks/)
 
 ENGINES = ("hf", "plugin", "plain")
-# plain vLLM on the V1 model runner, the one a custom logits processor selects (the plugin's): the
-# runner's share of a plugin-vs-plain gap
-EXTRA_ENGINES = ("plain_v1",)
+# plain vLLM and the plugin on the V1 model runner (the one a custom logits processor selects; the
+# plugin's runner on CPU): the runner's share of a plugin-vs-plain gap
+EXTRA_ENGINES = ("plain_v1", "plugin_v1")
 
 
 def _prompts(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
@@ -49,7 +49,8 @@ def run_engine(engine: str, args) -> dict:
     ids = LatentIds.from_config(AutoConfig.from_pretrained(args.model, local_files_only=True))
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     prompts = _prompts(tokenizer, args.prompts, args.prompt_tokens, args.seed)
-    force = _force_steps(args.new_tokens, args.latent_every, ids.latent_size) if engine in ("hf", "plugin") else []
+    latent = engine.startswith("plugin")
+    force = _force_steps(args.new_tokens, args.latent_every, ids.latent_size) if latent or engine == "hf" else []
     cuda = torch.cuda.is_available()
 
     if engine == "hf":
@@ -82,21 +83,22 @@ def run_engine(engine: str, args) -> dict:
         if args.profile_dir:  # torch profiler traces of the engine's worker (vLLM's own profiler)
             profiler = {"profiler_config": {"profiler": "torch", "torch_profiler_with_stack": False, "ignore_frontend": True,
                                             "torch_profiler_dir": os.path.abspath(os.path.join(args.profile_dir, engine))}}
-        llm = make_llm(args.model, latent=engine == "plugin", max_model_len=args.prompt_tokens + args.new_tokens + 64,
-                       max_num_seqs=args.prompts, enforce_eager=not cuda, **profiler)
+        llm = make_llm(args.model, latent=latent, max_model_len=args.prompt_tokens + args.new_tokens + 64,
+                       max_num_seqs=args.prompts, enforce_eager=not cuda, runner="v1" if engine == "plugin_v1" else None,
+                       **profiler)
         def params(i: int) -> SamplingParams:
-            extra = {"latent_key": f"b{i}", "latent_force_steps": force} if engine == "plugin" else None
+            extra = {"latent_key": f"b{i}", "latent_force_steps": force} if latent else None
             return SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True, detokenize=False,
                                   extra_args=extra)
         batch = [{"prompt_token_ids": p} for p in prompts]
         llm.generate(batch[:2], [params(i) for i in range(2)], use_tqdm=False)  # warm-up
-        if engine == "plugin":
+        if latent:
             llm.collective_rpc("latent_pop", args=([f"b{i}" for i in range(2)],))
         t0 = time.perf_counter()
         outs = llm.generate(batch, [params(i) for i in range(len(batch))], use_tqdm=False)
         generated = time.perf_counter()
         latents = 0
-        if engine == "plugin":  # handing the vectors out is part of a rollout's cost
+        if latent:  # handing the vectors out is part of a rollout's cost
             popped = llm.collective_rpc("latent_pop", args=([f"b{i}" for i in range(len(batch))],))[0]
             latents = sum(popped["counts"])
         seconds = time.perf_counter() - t0
@@ -111,7 +113,7 @@ def run_engine(engine: str, args) -> dict:
             llm.stop_profile()
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     return {"engine": engine, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "latent_slots": latents, "pop_s": pop_s if engine == "plugin" else 0.0, "device": device_name}
+            "latent_slots": latents, "pop_s": pop_s if latent else 0.0, "device": device_name}
 
 
 def main() -> int:

@@ -22,12 +22,21 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
+def engine_test_kwargs() -> dict:
+    """Engine settings of the vLLM tests: the defaults on CPU; on a GPU (the lent machine: these
+    tests then exercise vLLM's V2 runner) fp32, to compare with the fp32 HF reference, and a share
+    of the GPU small enough for the module's two engines."""
+    import torch
+
+    return {"dtype": "float32", "gpu_memory_utilization": 0.2} if torch.cuda.is_available() else {}
+
+
 @pytest.fixture(scope="session")
 def plain_llm(tiny_model_dir):
-    """A plain vLLM engine (no latent plugin) on the tiny model, in-process on CPU."""
+    """A plain vLLM engine (no latent plugin) on the tiny model, in-process."""
     from fourdthinker.vllm_plugin.engine import make_llm
 
-    return make_llm(tiny_model_dir, latent=False, max_model_len=2048, max_num_seqs=16)
+    return make_llm(tiny_model_dir, latent=False, max_model_len=2048, max_num_seqs=16, **engine_test_kwargs())
 
 
 @pytest.fixture(scope="module")

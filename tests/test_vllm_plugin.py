@@ -1,6 +1,7 @@
 """Latent-aware decoding inside vLLM matches the HF reference (`fourdthinker.model.generate_latent`).
 
-One vLLM engine with the plugin (CPU build, fp32 tiny model) serves the whole module; requests
+One vLLM engine with the plugin (fp32 tiny model; the CPU build runs vLLM's V1 runner, a GPU the
+V2 runner, `runner_v2.py`) serves the whole module; requests
 enter latent mode at different steps through the `latent_force_steps` hook, since a random model
 rarely samples `<|latent_start|>` by itself.
 """
@@ -24,6 +25,9 @@ MAX_NEW = 14
 QUESTIONS = ["Which way does the camera pan?", "Is the red box moving toward the camera?",
              "What happens between 1s and 3s?", "Describe the motion.", "Pan or tilt?",
              "Which object is faster?", "Does the sphere stop?", "Where is the cube heading?"]
+# Log-probs against the fp32 HF reference: on a GPU, vLLM's Triton attention takes its fp32 dot
+# products at TF32 precision (`tl.dot`'s default), ~1e-3 relative; the CPU build computes in fp32.
+LOGPROB_ATOL = 5e-3 if torch.cuda.is_available() else 1e-3
 # Entry steps: never, at once, late, twice, at the very end (a block cut by max_new_tokens).
 FORCES = [[], [0], [5], [1, 8], [MAX_NEW - 2], [3], [2, 9], [7]]
 
@@ -52,7 +56,9 @@ def hf(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def generator(tiny_model_dir):
-    return LatentGenerator.from_model_dir(tiny_model_dir, max_model_len=2048, max_num_seqs=16)
+    from conftest import engine_test_kwargs
+
+    return LatentGenerator.from_model_dir(tiny_model_dir, max_model_len=2048, max_num_seqs=16, **engine_test_kwargs())
 
 
 def _hf_reference(hf, requests):
@@ -81,7 +87,7 @@ def _assert_same(got, ref, ids: LatentIds):
         cos = torch.nn.functional.cosine_similarity(c.latents, expected.float(), dim=-1)
         assert cos.min().item() > 0.999, f"row {row}: {cos}"
         assert [c.token_ids[p] for p in c.latent_positions] == [ids.pad] * len(c.latent_positions)
-        assert np.abs(np.array(c.logprobs) - ref.logprobs[row].numpy()).max() < 1e-3
+        assert np.abs(np.array(c.logprobs) - ref.logprobs[row].numpy()).max() < LOGPROB_ATOL
 
 
 def test_greedy_tokens_latents_and_logprobs_equal_the_hf_reference(hf, generator):
@@ -105,7 +111,7 @@ def test_text_logprobs_equal_the_hf_teacher_forced_logprobs_with_the_fed_latents
         wrong = completion_logprobs(model, inputs, [c.token_ids for c in got], pads, ids)
     text = [torch.tensor([t not in (ids.pad, ids.start, ids.end) for t in c.token_ids]) for c in got]
     diffs = [(torch.tensor(c.logprobs) - t)[m].abs().max() for c, t, m in zip(got, teacher, text)]
-    assert max(diffs) < 1e-3
+    assert max(diffs) < LOGPROB_ATOL
     # Feeding the pad embedding at the latent slots (the reference's learner) is visibly different.
     wrong_diffs = [(torch.tensor(c.logprobs) - w)[m].abs().max() for c, w, m in zip(got, wrong, text)]
     assert max(wrong_diffs) > 1e-2

@@ -19,9 +19,19 @@ source benchmarks/gpu/env.sh
 export VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 GPU=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1])")  # H100 / H200
 
-step() {  # every step but preprocess runs the 3B-shape model, built once per machine
+step() {  # every step but preprocess and tests_gpu runs the 3B-shape model, built once per machine
   echo "== $1 ($(date +%T))"
-  [ "$1" = preprocess ] || [ -f /tmp/qwen3b/config.json ] || python -m fourdthinker tiny-model --shape 3b --out /tmp/qwen3b
+  case $1 in preprocess|tests_gpu) return ;; esac
+  [ -f /tmp/qwen3b/config.json ] || python -m fourdthinker tiny-model --shape 3b --out /tmp/qwen3b
+}
+
+# The image has no pytest: carry it (git-ignored `.device/pyt/`, 7.5 MB), once, here:
+#   S=.venv/lib/python3.11/site-packages; mkdir -p .device/pyt && cp -r $S/{_pytest,pytest,pluggy,iniconfig,\
+#     pygments,packaging,pytest_timeout.py} $S/{pytest,pytest_timeout,pluggy,iniconfig}-*.dist-info .device/pyt/
+tests_gpu() {  # the vLLM tests on a GPU, where the plugin runs on vLLM's V2 runner (CI has no GPU)
+  step tests_gpu
+  PYTHONPATH=$PYTHONPATH:$PWD/.device/pyt python -m pytest -q -x -p no:cacheprovider -o addopts="" \
+    tests/test_latent_runner_v2.py tests/test_vllm_plugin.py "$@" 2>&1 | tail -60
 }
 
 sync_colocated() {  # issue 9: learner and engine on one GPU, weights over CUDA IPC; tag "layerwise":
@@ -92,6 +102,7 @@ dift() {  # issue 3: one DIFT step at the 3B shape; extra arguments pass through
 
 for s in "$@"; do
   case $s in
+    tests_gpu:*) IFS=: read -r name tag rest <<< "$s"; tests_gpu ${rest//,/ } ;;
     dift:*|grpo_1gpu:*|grpo_2gpu:*|sync_colocated:*|sync_2gpu:*|rollout:*|preprocess:*) IFS=: read -r name tag rest <<< "$s"; "$name" "$tag" ${rest//,/ } ;;
     *) "$s" ;;
   esac

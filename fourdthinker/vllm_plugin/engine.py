@@ -20,10 +20,24 @@ def _on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+RUNNER_ENV = "FOURDTHINKER_LATENT_RUNNER"  # v1 | v2: which vLLM model runner decodes latents
+
+
+def latent_runner(runner: str | None = None) -> str:
+    """`v2` (vLLM's own default runner; `runner_v2.py`) on CUDA, `v1` (logits processor,
+    `logits.py`) elsewhere: the V2 runner needs Triton, which a CPU build lacks."""
+    runner = runner or os.environ.get(RUNNER_ENV) or ("v2" if _on_cuda() else "v1")
+    if runner not in ("v1", "v2"):
+        raise ValueError(f"{RUNNER_ENV}: v1 or v2, got {runner!r}")
+    if runner == "v2" and not _on_cuda():
+        raise ValueError(f"{RUNNER_ENV}=v2 needs CUDA (vLLM's V2 runner needs Triton); use v1 on CPU")
+    return runner
+
+
 def llm_kwargs(model_dir: str | Path, *, latent: bool = True, max_model_len: int = 4096,
                max_num_seqs: int = 64, enforce_eager: bool | None = None, seed: int = 0,
-               **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments for `vllm.LLM` / `EngineArgs`."""
+               runner: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM` / `EngineArgs`. `runner`: see `latent_runner`."""
     cuda = _on_cuda()
     kwargs: dict[str, Any] = dict(
         model=str(model_dir), tokenizer=str(model_dir), max_model_len=max_model_len,
@@ -40,10 +54,12 @@ def llm_kwargs(model_dir: str | Path, *, latent: bool = True, max_model_len: int
         # vLLM-CPU reads its KV-cache size (GiB) from the environment.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if latent:
-        # The latent hooks live in the V1 runner, which custom logits processors select anyway.
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         kwargs["hf_overrides"] = {"architectures": [ARCHITECTURE]}
-        kwargs["logits_processors"] = [LOGITS_PROCESSOR]
+        if latent_runner(runner) == "v2":  # the model brings its ModelState; no logits processor
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+        else:  # the logits processor, which selects the V1 runner anyway
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            kwargs["logits_processors"] = [LOGITS_PROCESSOR]
     kwargs.update(overrides)
     return kwargs
 

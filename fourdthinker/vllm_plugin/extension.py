@@ -15,7 +15,8 @@ SUPPORTED_VLLM = ("0.26.",)
 
 class LatentWorkerExtension:
     def latent_attach(self) -> int:
-        """Connect model and logits processor through one LatentState. Returns the latent size."""
+        """V1 runner: connect model and logits processor through one LatentState. V2 runner: check
+        that the model brought its LatentModelState (nothing to connect). Returns the latent size."""
         import vllm
 
         from fourdthinker.tokens import LatentIds
@@ -34,6 +35,13 @@ class LatentWorkerExtension:
         if not isinstance(model, LatentQwen2_5_VLForConditionalGeneration):
             raise RuntimeError(f"engine runs {type(model).__name__}; build it with "
                                "fourdthinker.vllm_plugin.engine.llm_kwargs(latent=True)")
+        model_state = getattr(runner, "model_state", None)  # V2 runners have one
+        if model_state is not None:
+            from fourdthinker.vllm_plugin.runner_v2 import latent_model_state_cls
+
+            if not isinstance(model_state, latent_model_state_cls()):
+                raise RuntimeError(f"V2 runner with {type(model_state).__name__}, not the latent model state")
+            return model_state.latent_size
         processors = [lp for lp in runner.input_batch.logitsprocs.all
                       if isinstance(lp, LatentLogitsProcessor)]
         if len(processors) != 1:
@@ -45,7 +53,8 @@ class LatentWorkerExtension:
         return ids.latent_size
 
     def _latent_state(self):
-        state = getattr(self.model_runner.get_model(), "latent_state", None)
+        model = self.model_runner.get_model()
+        state = getattr(model, "latent_state", None) or getattr(model, "latent_sampling", None)
         if state is None:
             raise RuntimeError("latent decoding is not attached: call latent_attach first")
         return state
