@@ -1,10 +1,12 @@
 """Latent-aware decoding inside vLLM 0.26 without a fork.
 
-Three pieces, wired by `latent_attach` (a worker-extension RPC) after the engine starts:
-the model subclass (`model.py`: inject vectors / stash hidden states), the logits processor
-(`logits.py`: per-request pad x K then end forcing, records the vectors) and the shared
-per-worker `LatentState` (`state.py`). `register` is the `vllm.general_plugins` entry point,
-so every vLLM process (engine core, workers, Ray actors) knows the architecture name.
+On vLLM's V1 runner (the CPU build; custom logits processors select it), three pieces, wired by
+`latent_attach` (a worker-extension RPC) after the engine starts: the model subclass (`model.py`:
+inject vectors / stash hidden states), the logits processor (`logits.py`: per-request pad x K then
+end forcing, records the vectors) and the shared per-worker `LatentState` (`state.py`). On the V2
+runner (CUDA's default), the model subclass brings `runner_v2.LatentModelState`, which does all of
+it on the device (`engine.latent_runner` picks). `register` is the `vllm.general_plugins` entry
+point, so every vLLM process (engine core, workers, Ray actors) knows the architecture name.
 """
 
 from __future__ import annotations
