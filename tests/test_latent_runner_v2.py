@@ -63,3 +63,192 @@ def test_the_device_rule_decides_what_the_v1_logits_processor_decides():
     assert pad.tolist() == [e == PAD for e in expected]
     kinds = set(expected)
     assert {PAD, END, START, -1} <= kinds  # every branch was taken
+
+
+# -- the model state's mechanics, driven by a small stand-in of the V2 runner ---------------------
+H, V, MAX_LEN, SLOTS = 8, 12, 64, 4
+
+
+class _Base:
+    """What LatentModelState takes from vLLM's DefaultModelState: its sizes and an inputs_embeds
+    buffer it fills with token embeddings (the runner's persistent buffer)."""
+
+    def __init__(self, vllm_config, model, encoder_cache, device):
+        self.max_num_reqs = vllm_config.scheduler_config.max_num_seqs
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.dtype = torch.float32
+        self.model = model
+        self.buffer = torch.zeros(MAX_LEN * SLOTS, H)
+
+    def add_request(self, req_index, new_req_data):
+        pass
+
+    def remove_request(self, req_id):
+        pass
+
+    def get_mm_embeddings(self, scheduled_encoder_inputs, input_batch, req_states):
+        n = input_batch.num_tokens
+        self.buffer[:n] = self.model.embed[input_batch.input_ids[:n]]
+        return self.buffer[:n]
+
+
+class _Rnn:
+    """A stand-in language model with memory: h_t = tanh(W x_t + U h_(t-1)), logits = h E^T."""
+
+    def __init__(self, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.embed = torch.randn(V, H, generator=g)
+        self.w, self.u = torch.randn(H, H, generator=g) / 2, torch.randn(H, H, generator=g) / 2
+
+    def step(self, x, h):
+        return torch.tanh(x @ self.w + h @ self.u)
+
+
+class _GreedySampler:
+    req_states = None
+
+    def returns_logprobs(self, idx_mapping_np) -> bool:
+        return True
+
+    def __call__(self, logits, input_batch):
+        from vllm.v1.outputs import LogprobsTensors
+        from vllm.v1.worker.gpu.sample.output import SamplerOutput
+
+        sampled = logits.argmax(-1)
+        logprobs = logits.log_softmax(-1).gather(1, sampled.unsqueeze(1))
+        return SamplerOutput(sampled_token_ids=sampled.view(-1, 1),
+                             logprobs_tensors=LogprobsTensors(sampled.unsqueeze(1), logprobs, sampled * 0),
+                             num_nans=None, num_sampled=None)
+
+
+def _reference(model: _Rnn, prompt: list[int], force: list[int], new: int):
+    """Tokens, raw log-probs and the vector fed at each pad position, one sequence at a time."""
+    tokens, h, fed, logprobs = list(prompt), torch.zeros(H), {}, []
+    for i in range(len(tokens)):
+        h = model.step(model.embed[tokens[i]], h)
+    for step in range(new):
+        logits = h @ model.embed.T
+        tail = torch.tensor([([-1] * (K + 1) + tokens)[-(K + 1):]])
+        token, _ = forced_tokens(tail, torch.tensor([step]), torch.tensor([force + [-1]]), PAD, START, END)
+        tok = int(token) if int(token) >= 0 else int(logits.argmax())
+        logprobs.append(float(logits.log_softmax(-1)[tok]))
+        pos = len(tokens)
+        tokens.append(tok)
+        x = h if tok == PAD and int(token) == PAD else model.embed[tok]  # a forced pad reads the hidden state
+        if tok == PAD and int(token) == PAD:
+            fed[pos] = h.clone()
+        h = model.step(x, h)
+    return tokens[len(prompt):], logprobs, fed
+
+
+def _run_v2(model: _Rnn, requests: list[tuple[str, list[int], list[int]]], new: int, *,
+            preempt: tuple[str, int, int] | None = None, chunk: int | None = None):
+    """Drive LatentModelState as the V2 runner does: slots, a flat batch per step, the sampler
+    wrapped, tokens kept per slot. `preempt` = (request, at step, back at step): dropped from its
+    slot, then re-added in another one and recomputed from its tokens. `chunk`: prefill chunk size."""
+    from fourdthinker.vllm_plugin.runner_v2 import ForcingSampler, _make_cls
+
+    hf = SimpleNamespace(latent_token_id=PAD, latent_start_id=START, latent_end_id=END, latent_size=K)
+    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, max_model_len=MAX_LEN,
+                                                          get_hidden_size=lambda: H),
+                             scheduler_config=SimpleNamespace(max_num_seqs=SLOTS))
+    state = _make_cls(_Base)(config, SimpleNamespace(embed=model.embed), None, torch.device("cpu"))
+    tables = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=torch.zeros(SLOTS, MAX_LEN, dtype=torch.int32)),
+                             prompt_len=SimpleNamespace(gpu=torch.zeros(SLOTS, dtype=torch.int32)),
+                             prefill_len=SimpleNamespace(gpu=torch.zeros(SLOTS, dtype=torch.int32)))
+    inner = _GreedySampler()
+    inner.req_states = tables
+    sampler, _ = state.custom_sampler(inner)
+    assert isinstance(sampler, ForcingSampler)
+    seqs = {rid: list(prompt) for rid, prompt, _ in requests}
+    prompt_len = {rid: len(prompt) for rid, prompt, _ in requests}
+    extra = {rid: {"latent_key": f"key-{rid}", "latent_force_steps": force} for rid, _, force in requests}
+    slot_of, computed, rnn, logprobs, free = {}, {}, {}, {rid: [] for rid in seqs}, list(range(SLOTS))[::-1]
+
+    def add(rid):
+        slot = free.pop()
+        slot_of[rid], computed[rid], rnn[rid] = slot, 0, torch.zeros(H)
+        tables.all_token_ids.gpu[slot, : len(seqs[rid])] = torch.tensor(seqs[rid])
+        tables.prompt_len.gpu[slot], tables.prefill_len.gpu[slot] = prompt_len[rid], len(seqs[rid])
+        state.add_request(slot, SimpleNamespace(req_id=rid, sampling_params=SimpleNamespace(extra_args=extra[rid])))
+
+    for rid in seqs:
+        add(rid)
+    step = 0
+    while any(len(seqs[r]) - prompt_len[r] < new for r in seqs):
+        if preempt and step == preempt[1]:
+            state.remove_request(preempt[0])
+            free.append(slot_of.pop(preempt[0]))
+        if preempt and step == preempt[2]:
+            add(preempt[0])
+        batch = [r for r in seqs if r in slot_of and len(seqs[r]) - prompt_len[r] < new]
+        spans = []
+        for r in batch:
+            todo = len(seqs[r]) - computed[r]
+            spans.append(min(todo, chunk) if chunk else todo)
+        starts = np.cumsum([0] + spans)
+        ids = torch.tensor([t for r, n in zip(batch, spans) for t in seqs[r][computed[r]: computed[r] + n]])
+        pos = torch.tensor([p for r, n in zip(batch, spans) for p in range(computed[r], computed[r] + n)])
+        input_batch = SimpleNamespace(
+            req_ids=batch, num_reqs=len(batch), num_tokens=len(ids), input_ids=ids, positions=pos,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            idx_mapping=torch.tensor([slot_of[r] for r in batch], dtype=torch.int32),
+            logits_indices=torch.tensor(starts[1:] - 1), idx_mapping_np=None,
+            seq_lens=torch.tensor([computed[r] + n for r, n in zip(batch, spans)], dtype=torch.int32))
+        embeds = state.get_mm_embeddings(None, input_batch, tables).clone()
+        hidden = torch.zeros(len(ids), H)
+        for r, a, b in zip(batch, starts[:-1], starts[1:]):
+            for row in range(a, b):
+                rnn[r] = hidden[row] = model.step(embeds[row], rnn[r])
+        sample_hidden = hidden[input_batch.logits_indices]
+        state.stash_hidden(sample_hidden)
+        out = sampler(sample_hidden @ model.embed.T, input_batch)
+        for i, (r, n) in enumerate(zip(batch, spans)):
+            computed[r] += n
+            if computed[r] == len(seqs[r]):  # a real sample (not a chunk inside a prefill)
+                tok = int(out.sampled_token_ids[i, 0])
+                tables.all_token_ids.gpu[slot_of[r], len(seqs[r])] = tok
+                seqs[r].append(tok)
+                logprobs[r].append(float(out.logprobs_tensors.logprobs[i, 0]))
+        step += 1
+    for r in list(slot_of):
+        state.remove_request(r)
+    popped = state.pop([f"key-{r}" for r in seqs])
+    return {r: seqs[r][prompt_len[r]:] for r in seqs}, logprobs, popped, state
+
+
+REQUESTS = [("a", [1, 2, 3], [0, 9]), ("b", [4, 3, 2, 1, 0, 2], [3]), ("c", [2, 2], []), ("d", [3, 1, 4], [6])]
+
+
+def _check(model, requests, got, logprobs, popped, new, blocks):
+    for rid, prompt, force in requests:
+        tokens, ref_logprobs, fed = _reference(model, prompt, force, new)
+        assert got[rid] == tokens, rid
+        np.testing.assert_allclose(logprobs[rid], ref_logprobs, atol=1e-5)
+        positions, vectors = popped[f"key-{rid}"]
+        assert positions == sorted(fed), rid
+        if fed:
+            torch.testing.assert_close(vectors, torch.stack([fed[p] for p in positions]))
+    assert sum(len(p) for p, _ in popped.values()) >= blocks * K  # latent blocks were really decoded
+
+
+def test_the_v2_model_state_decodes_latents_as_one_sequence_at_a_time_does():
+    model = _Rnn(0)
+    got, logprobs, popped, state = _run_v2(model, REQUESTS, new=16)
+    _check(model, REQUESTS, got, logprobs, popped, 16, blocks=3)
+    assert int(state.count) == 0  # nothing in flight after the pop: the slab started over
+
+
+def test_a_preempted_request_is_recomputed_with_the_vectors_it_was_fed():
+    model = _Rnn(0)
+    # "a" enters a block at step 0 and leaves at step 4 mid-block; it comes back in another slot
+    got, logprobs, popped, _ = _run_v2(model, REQUESTS, new=16, preempt=("a", 3, 6))
+    _check(model, REQUESTS, got, logprobs, popped, 16, blocks=3)
+
+
+def test_chunked_prefill_does_not_force_or_record_inside_a_prompt():
+    model = _Rnn(1)
+    # chunks of 2 end on a start token inside "a"'s prompt: forcing there would record a vector
+    requests = [("a", [1, START, 2, 3, START], [4]), ("b", [START, PAD, 1], [])]
+    got, logprobs, popped, _ = _run_v2(model, requests, new=12, chunk=2)
+    _check(model, requests, got, logprobs, popped, 12, blocks=2)

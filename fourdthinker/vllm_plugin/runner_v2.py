@@ -78,7 +78,7 @@ class ForcingSampler:
         return getattr(self.inner, name)
 
     def __call__(self, logits: torch.Tensor, input_batch):
-        plan = self.state.plan_step(logits, input_batch)
+        plan = self.state.plan_step(logits, input_batch, self.inner.returns_logprobs(input_batch.idx_mapping_np))
         out = self.inner(logits, input_batch)
         return self.state.apply_step(out, plan)
 
@@ -151,10 +151,13 @@ def _make_cls(base):
             if n == 0:
                 return embeds
             ids, pos = input_batch.input_ids[:n], input_batch.positions[:n]
-            req = torch.searchsorted(input_batch.query_start_loc[1: input_batch.num_reqs + 1],
-                                     torch.arange(n, device=ids.device, dtype=input_batch.query_start_loc.dtype),
-                                     right=True)
-            slot = input_batch.idx_mapping[req].long()
+            if n == input_batch.num_reqs:  # a pure decode step: row i is request i
+                slot = input_batch.idx_mapping[:n].long()
+            else:
+                req = torch.searchsorted(input_batch.query_start_loc[1: input_batch.num_reqs + 1],
+                                         torch.arange(n, device=ids.device, dtype=input_batch.query_start_loc.dtype),
+                                         right=True)
+                slot = input_batch.idx_mapping[req].long()
             row = self.vector_row[slot, pos.clamp(max=self.max_model_len)]
             take = (ids == self.pad_id) & (row >= 0)
             rows = embeds[:n]
@@ -165,9 +168,9 @@ def _make_cls(base):
         def stash_hidden(self, hidden: torch.Tensor) -> None:
             self._hidden = hidden
 
-        def plan_step(self, logits: torch.Tensor, input_batch):
-            """Before sampling: which rows are forced, to what, and their raw log-probs. None for a
-            batch of no request of ours (the runner's dummy runs at start-up)."""
+        def plan_step(self, logits: torch.Tensor, input_batch, with_logprobs: bool):
+            """Before sampling: which rows are forced, to what, and (if the batch returns log-probs)
+            their raw log-probs. None for a batch of no request of ours (the runner's dummy runs)."""
             hidden, self._hidden = self._hidden, None
             if hidden is None or not input_batch.req_ids or input_batch.req_ids[0] not in self.live:
                 return None
@@ -185,7 +188,9 @@ def _make_cls(base):
             real = input_batch.seq_lens[:num_reqs] >= self.req_states.prefill_len.gpu[slot]
             token = torch.where(real, token, -1)
             pad = pad & real
-            raw = logits.float().log_softmax(-1).gather(1, token.clamp(min=0).unsqueeze(1)).squeeze(1)
+            raw = None
+            if with_logprobs:  # a pass over the whole vocabulary: only when someone reads it
+                raw = logits.float().log_softmax(-1).gather(1, token.clamp(min=0).unsqueeze(1)).squeeze(1)
             self._record(hidden[:num_reqs], pad, slot, pos + 1)
             return token, raw
 
@@ -210,7 +215,7 @@ def _make_cls(base):
             sampled = out.sampled_token_ids
             sampled = torch.where(forced.view(-1, 1), token.view(-1, 1).to(sampled.dtype), sampled)
             logprobs = out.logprobs_tensors
-            if logprobs is not None:  # column 0 is the sampled token
+            if logprobs is not None and raw is not None:  # column 0 is the sampled token
                 ids = logprobs.logprob_token_ids.clone()
                 ids[:, 0] = torch.where(forced, token.to(ids.dtype), ids[:, 0])
                 values = logprobs.logprobs.clone()
