@@ -68,9 +68,6 @@ class LatentWorkerExtension:
         `decode_latents` turns it back into tensors."""
         return encode_latents(self._latent_state().pop(list(keys)))
 
-    def latent_injected_rows(self) -> int:
-        return self._latent_state().injected_rows
-
     # -- weights: checkpoint-format buckets, loaded in place or through vLLM's layerwise reload ---
     # Kernels may repack weights after loading (the CPU backend does, for oneDNN; quantized kernels
     # do), so there a plain load_weights on a running model can miss: vLLM's layerwise reload

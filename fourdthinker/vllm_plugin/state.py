@@ -42,7 +42,6 @@ class LatentState:
         self.requests: dict[str, RequestLatents] = {}  # by latent key
         self.key_of_req_id: dict[str, str] = {}
         self._hidden: torch.Tensor | None = None  # this step's rows given to compute_logits
-        self._injected = torch.zeros((), dtype=torch.long)
         self._pending: dict[str, set[int]] = {}  # by vLLM request id: recorded, not yet fed
 
     # -- the model's side ------------------------------------------------------------------
@@ -80,8 +79,6 @@ class LatentState:
         is_pad = input_ids.index_select(0, index) == self.pad_id
         current = embeds.index_select(0, index)
         embeds = embeds.index_copy(0, index, torch.where(is_pad.unsqueeze(-1), values, current))
-        # Kept on the device: reading it here would stall the CPU on the GPU every step.
-        self._injected = self._injected + is_pad.sum()
         return embeds
 
     def _due_pending(self, index_of: dict[str, int], computed: np.ndarray) -> tuple[list[int], list[torch.Tensor]]:
@@ -121,11 +118,6 @@ class LatentState:
                 if not pending:
                     del self._pending[req_id]
         return rows, vectors
-
-    @property
-    def injected_rows(self) -> int:
-        """Rows that received a latent vector so far (tests and metrics; synchronises once)."""
-        return int(self._injected)
 
     # -- the logits processor's side ------------------------------------------------------
     def record(self, hidden: torch.Tensor, rows: np.ndarray, req_ids: list[str], keys: list[str],
