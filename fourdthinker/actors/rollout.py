@@ -139,8 +139,8 @@ class RolloutWorker:
 
     def health(self) -> dict[str, Any]:
         # pid: a restarted actor is a new process (its uptime alone can't tell a fast restart apart)
-        return {"version": self.version, "asleep": self.asleep, "pid": os.getpid(), "uptime_s": time.time() - self.started,
-                "generated_tokens": self.generated_tokens}
+        return {"version": self.version, "asleep": self.asleep, "pid": os.getpid(),
+                "uptime_s": time.time() - self.started, "generated_tokens": self.generated_tokens}
 
 
 def rollout_actor_class(num_gpus: float = 0, num_cpus: float = 1):

@@ -22,6 +22,7 @@ whole latent state machine lives on the GPU, so a step adds a few small kernels 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -51,21 +52,12 @@ def forced_tokens(tail: torch.Tensor, out_step: torch.Tensor, force_steps: torch
     return token, pad
 
 
-def _model_state_base():
-    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
-
-    return DefaultModelState
-
-
+@functools.cache
 def latent_model_state_cls():
     """`LatentModelState`, built on first use: its base imports the V2 runner (Triton)."""
-    global _CLS
-    if _CLS is None:
-        _CLS = _make_cls(_model_state_base())
-    return _CLS
+    from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
-
-_CLS = None
+    return _make_cls(DefaultModelState)
 
 
 class ForcingSampler:
@@ -112,7 +104,6 @@ def _make_cls(base):
             self.serial_of: dict[str, int] = {}  # vLLM request id -> serial (kept across preemption)
             self.key_of: dict[int, str] = {}  # serial -> latent key
             self.live: set[str] = set()
-            model.latent_state = None  # the V1 hooks stay off
             model.latent_sampling = self  # compute_logits hands its rows over
 
         # -- requests ---------------------------------------------------------------------
@@ -240,6 +231,8 @@ def _make_cls(base):
             out = {}
             for key in keys:
                 serial = serial_of_key.get(key)
+                if serial is not None:  # popped: forget it
+                    self.key_of.pop(serial, None)
                 rows = np.flatnonzero(serials == serial) if serial is not None else np.zeros(0, dtype=np.int64)
                 if len(rows) == 0:
                     out[key] = ([], None)
@@ -250,10 +243,6 @@ def _make_cls(base):
                 rows = rows[np.append(positions[rows][1:] != positions[rows][:-1], True)]
                 index = torch.from_numpy(rows).to(self.slab.device)
                 out[key] = ([int(p) for p in positions[rows]], self.slab.index_select(0, index))
-            for key in keys:  # popped: forget them
-                serial = serial_of_key.get(key)
-                if serial is not None:
-                    self.key_of.pop(serial, None)
             if not self.live:  # nothing in flight: start the slab over
                 self.count.zero_()
                 self.slab_serial.fill_(-1)
