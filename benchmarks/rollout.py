@@ -72,6 +72,7 @@ def run_engine(engine: str, args) -> dict:
         seconds = time.perf_counter() - t0
         tokens = sum(len(s) for s in out.sequences)
         latents = sum(int(x.shape[0]) for x in out.latents)
+        repeats = [seconds]
     else:
         from vllm import SamplingParams
 
@@ -94,15 +95,18 @@ def run_engine(engine: str, args) -> dict:
         llm.generate(batch[:2], [params(i) for i in range(2)], use_tqdm=False)  # warm-up
         if latent:
             llm.collective_rpc("latent_pop", args=([f"b{i}" for i in range(2)],))
-        t0 = time.perf_counter()
-        outs = llm.generate(batch, [params(i) for i in range(len(batch))], use_tqdm=False)
-        generated = time.perf_counter()
-        latents = 0
-        if latent:  # handing the vectors out is part of a rollout's cost
-            popped = llm.collective_rpc("latent_pop", args=([f"b{i}" for i in range(len(batch))],))[0]
-            latents = sum(popped["counts"])
-        seconds = time.perf_counter() - t0
-        pop_s = seconds - (generated - t0)
+        runs = []  # (seconds, pop seconds) of each repeat; the median one is reported
+        for _ in range(args.repeats):
+            llm.reset_prefix_cache()  # every repeat prefills its prompts, as the first does
+            t0 = time.perf_counter()
+            outs = llm.generate(batch, [params(i) for i in range(len(batch))], use_tqdm=False)
+            generated = time.perf_counter()
+            latents = 0
+            if latent:  # handing the vectors out is part of a rollout's cost
+                popped = llm.collective_rpc("latent_pop", args=([f"b{i}" for i in range(len(batch))],))[0]
+                latents = sum(popped["counts"])
+            runs.append((time.perf_counter() - t0, time.perf_counter() - generated))
+        seconds, pop_s = sorted(runs)[len(runs) // 2]
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         if args.profile_dir:  # a shorter run of the same batch under the profiler, after the timed one
             short = [params(i) for i in range(len(batch))]
@@ -111,9 +115,11 @@ def run_engine(engine: str, args) -> dict:
             llm.start_profile()
             llm.generate(batch, short, use_tqdm=False)
             llm.stop_profile()
+        repeats = [r[0] for r in runs]
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     return {"engine": engine, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "latent_slots": latents, "pop_s": pop_s if latent else 0.0, "device": device_name}
+            "latent_slots": latents, "pop_s": pop_s if latent else 0.0, "device": device_name,
+            "seconds_of_repeats": repeats}
 
 
 def main() -> int:
@@ -124,6 +130,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--latent-every", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per vLLM engine; the median is reported")
     parser.add_argument("--engines", nargs="+", default=[",".join(ENGINES)],
                         help="engines, comma- or space-separated (figures.sh turns commas into spaces)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/rollout-<device>.json)")

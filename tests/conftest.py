@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 # Tests never reach a hub; fail fast if something tries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -12,6 +13,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # vLLM engines of the tests run in-process: a third of the start-up time of the multi-process
 # engine on CPU. The multi-process path is exercised by the Ray rollout-actor test.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# Without a GPU, Triton kernels (the V2 runner's latent kernels) run in Triton's interpreter on CPU
+# tensors. It is chosen when a kernel is defined, triton.language's own included: set it before
+# anything imports triton. (vLLM decides on its Triton use from the GPU drivers, not from this.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
-"""The V2 runner's latent state machine (`fourdthinker/vllm_plugin/runner_v2.py`).
+"""The V2 runner's latent state machine (`runner_v2.py`, its Triton kernels in `latent_kernels.py`).
 
-The rule runs on the device, vectorised over a batch; here it must decide exactly what the V1 logits
-processor decides from the same token lists. (The V2 runner itself needs Triton, so the engine-level
-checks, tests/test_vllm_plugin.py on a GPU, run on the lent GPU machine, not in CI.)
+Without a GPU the kernels run here in Triton's interpreter on CPU tensors; on a GPU (the lent
+machine) compiled, on CUDA tensors. The forcing rule must decide exactly what
+the V1 logits processor decides from the same token lists, and the model state, driven by a stand-in
+runner, must decode as one sequence at a time does. (vLLM's V2 runner itself needs a GPU, so the
+engine-level checks, tests/test_vllm_plugin.py on a GPU, run on the lent GPU machine, not in CI.)
 """
 
 from __future__ import annotations
@@ -10,12 +12,23 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
+from fourdthinker.vllm_plugin import latent_kernels
 from fourdthinker.vllm_plugin.logits import FORCE_END, FORCE_PAD, FORCE_START, LatentLogitsProcessor, _Row
-from fourdthinker.vllm_plugin.runner_v2 import forced_tokens
 
 PAD, START, END, K = 7, 5, 6, 4
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# the interpreter reads scalars out of one-element arrays, which NumPy deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _on_the_kernels_device():
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(None)
 
 
 def _v1_decision(prompt: list[int], output: list[int], force_steps: frozenset[int]) -> int:
@@ -50,19 +63,60 @@ def _sequences(rng, n: int) -> list[tuple[list[int], list[int], frozenset[int]]]
 def test_the_device_rule_decides_what_the_v1_logits_processor_decides():
     rng = np.random.default_rng(0)
     seqs = _sequences(rng, 400)
-    tails, steps, forces = [], [], []
-    for prompt, output, force in seqs:
+    n = len(seqs)
+    state = _state(slots=n)
+    tables = _tables(n)
+    for slot, (prompt, output, force) in enumerate(seqs):
         seq = prompt + output
-        tail = seq[-(K + 1):]
-        tails.append([-1] * (K + 1 - len(tail)) + tail)
-        steps.append(len(output))
-        forces.append(sorted(force) + [-1] * (3 - len(force)))
-    token, pad = forced_tokens(torch.tensor(tails), torch.tensor(steps), torch.tensor(forces), PAD, START, END)
+        tables.all_token_ids.gpu[slot, : len(seq)] = torch.tensor(seq)
+        tables.prompt_len.gpu[slot], tables.prefill_len.gpu[slot] = len(prompt), len(seq)
+        state.force_steps[slot, : len(force)] = torch.tensor(sorted(force), dtype=torch.int64)
+        state.slot_serial[slot] = 1000 + slot
+    lengths = torch.tensor([len(p) + len(o) for p, o, _ in seqs])
+    batch = SimpleNamespace(num_reqs=n, idx_mapping=torch.arange(n, dtype=torch.int32),
+                            logits_indices=torch.arange(n), positions=lengths - 1,
+                            seq_lens=lengths.to(torch.int32))
+    hidden = torch.randn(n, H)
+    logits = torch.randn(n, V)
+    token, raw = latent_kernels.plan(state, batch, hidden, logits, tables, with_logprobs=True)
     expected = [_v1_decision(p, o, f) for p, o, f in seqs]
     assert token.tolist() == expected
-    assert pad.tolist() == [e == PAD for e in expected]
     kinds = set(expected)
     assert {PAD, END, START, -1} <= kinds  # every branch was taken
+    forced = token >= 0
+    raw_ref = logits.log_softmax(-1).gather(1, token.clamp(min=0).unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(raw[forced], raw_ref[forced])
+    # every forced pad's input (this step's hidden state) is recorded once, where vector_row points
+    pads = [i for i, e in enumerate(expected) if e == PAD]
+    assert int(state.count) == len(pads) and int(state.overflow) == 0
+    rows = state.vector_row[torch.tensor(pads), lengths[pads]]
+    assert sorted(rows.tolist()) == list(range(len(pads)))
+    torch.testing.assert_close(state.slab[rows], hidden[pads])
+    assert state.slab_serial[rows].tolist() == [1000 + i for i in pads]
+    assert state.slab_pos[rows].tolist() == lengths[pads].tolist()
+
+
+def test_a_chunk_inside_a_prefill_is_neither_forced_nor_recorded():
+    state, tables = _state(slots=2), _tables(2)
+    seq = [1, START, 2, 3, START, 4]
+    tables.all_token_ids.gpu[:, : len(seq)] = torch.tensor(seq)
+    # both rows end their input on the start token at position 4: row 0 is a chunk of a 6-token
+    # prompt, row 1 a whole 5-token prompt. Only the row that reaches its prefill samples
+    tables.prompt_len.gpu[:] = tables.prefill_len.gpu[:] = torch.tensor([6, 5])
+    batch = SimpleNamespace(num_reqs=2, idx_mapping=torch.arange(2, dtype=torch.int32), logits_indices=torch.arange(2),
+                            positions=torch.tensor([4, 4]), seq_lens=torch.tensor([5, 5], dtype=torch.int32))
+    token, raw = latent_kernels.plan(state, batch, torch.randn(2, H), torch.randn(2, V), tables, with_logprobs=False)
+    assert token.tolist() == [-1, PAD] and raw is None
+    assert int(state.count) == 1 and int(state.vector_row[1, 5]) == 0 and int(state.vector_row[0, 5]) == -1
+
+
+def test_vectors_past_the_slab_capacity_fail_the_pop_with_the_setting_to_raise(monkeypatch):
+    from fourdthinker.vllm_plugin.runner_v2 import CAPACITY_ENV
+
+    monkeypatch.setenv(CAPACITY_ENV, "5")
+    model = _Rnn(0)
+    with pytest.raises(RuntimeError, match=CAPACITY_ENV):
+        _run_v2(model, REQUESTS, new=16)
 
 
 # -- the model state's mechanics, driven by a small stand-in of the V2 runner ---------------------
@@ -96,9 +150,10 @@ class _Rnn:
     """A stand-in language model with memory: h_t = tanh(W x_t + U h_(t-1)), logits = h E^T."""
 
     def __init__(self, seed: int):
-        g = torch.Generator().manual_seed(seed)
-        self.embed = torch.randn(V, H, generator=g)
-        self.w, self.u = torch.randn(H, H, generator=g) / 2, torch.randn(H, H, generator=g) / 2
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.embed, w, u = (torch.randn(*shape, generator=g, device="cpu").to(DEVICE)
+                            for shape in ((V, H), (H, H), (H, H)))
+        self.w, self.u = w / 2, u / 2
 
     def step(self, x, h):
         return torch.tanh(x @ self.w + h @ self.u)
@@ -107,8 +162,11 @@ class _Rnn:
 class _GreedySampler:
     req_states = None
 
+    def __init__(self, logprobs: bool):
+        self.logprobs = logprobs
+
     def returns_logprobs(self, idx_mapping_np) -> bool:
-        return True
+        return self.logprobs
 
     def __call__(self, logits, input_batch):
         from vllm.v1.outputs import LogprobsTensors
@@ -117,8 +175,26 @@ class _GreedySampler:
         sampled = logits.argmax(-1)
         logprobs = logits.log_softmax(-1).gather(1, sampled.unsqueeze(1))
         return SamplerOutput(sampled_token_ids=sampled.view(-1, 1),
-                             logprobs_tensors=LogprobsTensors(sampled.unsqueeze(1), logprobs, sampled * 0),
+                             logprobs_tensors=LogprobsTensors(sampled.unsqueeze(1), logprobs, sampled * 0)
+                             if self.logprobs else None,
                              num_nans=None, num_sampled=None)
+
+
+def _state(slots: int):
+    from fourdthinker.vllm_plugin.runner_v2 import _make_cls
+
+    hf = SimpleNamespace(latent_token_id=PAD, latent_start_id=START, latent_end_id=END, latent_size=K)
+    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, max_model_len=MAX_LEN,
+                                                          get_hidden_size=lambda: H),
+                             scheduler_config=SimpleNamespace(max_num_seqs=slots))
+    return _make_cls(_Base)(config, SimpleNamespace(embed=torch.zeros(V, H)), None, DEVICE)
+
+
+def _tables(slots: int):
+    """The runner's RequestState tables the state reads (`.gpu` views of the device copies)."""
+    return SimpleNamespace(all_token_ids=SimpleNamespace(gpu=torch.zeros(slots, MAX_LEN, dtype=torch.int32)),
+                           prompt_len=SimpleNamespace(gpu=torch.zeros(slots, dtype=torch.int32)),
+                           prefill_len=SimpleNamespace(gpu=torch.zeros(slots, dtype=torch.int32)))
 
 
 def _reference(model: _Rnn, prompt: list[int], force: list[int], new: int):
@@ -128,42 +204,36 @@ def _reference(model: _Rnn, prompt: list[int], force: list[int], new: int):
         h = model.step(model.embed[tokens[i]], h)
     for step in range(new):
         logits = h @ model.embed.T
-        tail = torch.tensor([([-1] * (K + 1) + tokens)[-(K + 1):]])
-        token, _ = forced_tokens(tail, torch.tensor([step]), torch.tensor([force + [-1]]), PAD, START, END)
-        tok = int(token) if int(token) >= 0 else int(logits.argmax())
+        token = _v1_decision(prompt, tokens[len(prompt):], frozenset(force))
+        tok = token if token >= 0 else int(logits.argmax())
         logprobs.append(float(logits.log_softmax(-1)[tok]))
         pos = len(tokens)
         tokens.append(tok)
-        x = h if tok == PAD and int(token) == PAD else model.embed[tok]  # a forced pad reads the hidden state
-        if tok == PAD and int(token) == PAD:
+        x = h if token == PAD else model.embed[tok]  # a forced pad reads the hidden state
+        if token == PAD:
             fed[pos] = h.clone()
         h = model.step(x, h)
     return tokens[len(prompt):], logprobs, fed
 
 
 def _run_v2(model: _Rnn, requests: list[tuple[str, list[int], list[int]]], new: int, *,
-            preempt: tuple[str, int, int] | None = None, chunk: int | None = None):
+            preempt: tuple[str, int, int] | None = None, chunk: int | None = None, logprobs: bool = True):
     """Drive LatentModelState as the V2 runner does: slots, a flat batch per step, the sampler
     wrapped, tokens kept per slot. `preempt` = (request, at step, back at step): dropped from its
     slot, then re-added in another one and recomputed from its tokens. `chunk`: prefill chunk size."""
-    from fourdthinker.vllm_plugin.runner_v2 import ForcingSampler, _make_cls
+    from fourdthinker.vllm_plugin.runner_v2 import ForcingSampler
 
-    hf = SimpleNamespace(latent_token_id=PAD, latent_start_id=START, latent_end_id=END, latent_size=K)
-    config = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf, max_model_len=MAX_LEN,
-                                                          get_hidden_size=lambda: H),
-                             scheduler_config=SimpleNamespace(max_num_seqs=SLOTS))
-    state = _make_cls(_Base)(config, SimpleNamespace(embed=model.embed), None, torch.device("cpu"))
-    tables = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=torch.zeros(SLOTS, MAX_LEN, dtype=torch.int32)),
-                             prompt_len=SimpleNamespace(gpu=torch.zeros(SLOTS, dtype=torch.int32)),
-                             prefill_len=SimpleNamespace(gpu=torch.zeros(SLOTS, dtype=torch.int32)))
-    inner = _GreedySampler()
+    state, tables = _state(SLOTS), _tables(SLOTS)
+    state.model = SimpleNamespace(embed=model.embed)
+    inner = _GreedySampler(logprobs)
     inner.req_states = tables
     sampler, _ = state.custom_sampler(inner)
     assert isinstance(sampler, ForcingSampler)
     seqs = {rid: list(prompt) for rid, prompt, _ in requests}
     prompt_len = {rid: len(prompt) for rid, prompt, _ in requests}
     extra = {rid: {"latent_key": f"key-{rid}", "latent_force_steps": force} for rid, _, force in requests}
-    slot_of, computed, rnn, logprobs, free = {}, {}, {}, {rid: [] for rid in seqs}, list(range(SLOTS))[::-1]
+    slot_of, computed, rnn, free = {}, {}, {}, list(range(SLOTS))[::-1]
+    logprobs = {rid: [] for rid in seqs} if logprobs else None
 
     def add(rid):
         slot = free.pop()
@@ -209,7 +279,8 @@ def _run_v2(model: _Rnn, requests: list[tuple[str, list[int], list[int]]], new: 
                 tok = int(out.sampled_token_ids[i, 0])
                 tables.all_token_ids.gpu[slot_of[r], len(seqs[r])] = tok
                 seqs[r].append(tok)
-                logprobs[r].append(float(out.logprobs_tensors.logprobs[i, 0]))
+                if logprobs is not None:
+                    logprobs[r].append(float(out.logprobs_tensors.logprobs[i, 0]))
         step += 1
     for r in list(slot_of):
         state.remove_request(r)
@@ -224,7 +295,8 @@ def _check(model, requests, got, logprobs, popped, new, blocks):
     for rid, prompt, force in requests:
         tokens, ref_logprobs, fed = _reference(model, prompt, force, new)
         assert got[rid] == tokens, rid
-        np.testing.assert_allclose(logprobs[rid], ref_logprobs, atol=1e-5)
+        if logprobs is not None:
+            np.testing.assert_allclose(logprobs[rid], ref_logprobs, atol=1e-5)
         positions, vectors = popped[f"key-{rid}"]
         assert positions == sorted(fed), rid
         if fed:
@@ -232,9 +304,10 @@ def _check(model, requests, got, logprobs, popped, new, blocks):
     assert sum(len(p) for p, _ in popped.values()) >= blocks * K  # latent blocks were really decoded
 
 
-def test_the_v2_model_state_decodes_latents_as_one_sequence_at_a_time_does():
+@pytest.mark.parametrize("logprobs", [True, False])
+def test_the_v2_model_state_decodes_latents_as_one_sequence_at_a_time_does(logprobs):
     model = _Rnn(0)
-    got, logprobs, popped, state = _run_v2(model, REQUESTS, new=16)
+    got, logprobs, popped, state = _run_v2(model, REQUESTS, new=16, logprobs=logprobs)
     _check(model, REQUESTS, got, logprobs, popped, 16, blocks=3)
     assert int(state.count) == 0  # nothing in flight after the pop: the slab started over
 

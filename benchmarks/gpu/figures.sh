@@ -58,10 +58,10 @@ grpo_2gpu() {  # issue 10: the pipeline with the engine on one GPU and the learn
      "$@" --out "$OUT/grpo_step-$GPU-3b-2gpu-$tag.json")
 }
 
-rollout_profile() {  # issue 4: torch profiles of a short plugin run and a plain (V1 runner) one, one archive
+rollout_profile() {  # issue 4: torch profiles of a short plugin run and a plain one, one archive
   step rollout_profile
   (cd benchmarks && python rollout.py --model /tmp/qwen3b --prompts 64 --prompt-tokens 256 --new-tokens 512 \
-     --engines plugin,plain_v1 --profile-dir /tmp/profile --profile-tokens 64 --out "$OUT/rollout-$GPU-3b-profiled.json")
+     --engines plugin,plain --profile-dir /tmp/profile --profile-tokens 64 --out "$OUT/rollout-$GPU-3b-profiled.json")
   tar -czf "$OUT/rollout-profile.tgz" -C /tmp profile
 }
 
@@ -76,7 +76,7 @@ rollout() {  # issue 4: HF reference vs plugin vs plain vLLM; extra: e.g. --engi
   local tag=${1:-all}; shift || true
   step "rollout $tag"
   (cd benchmarks && python rollout.py --model /tmp/qwen3b --prompts 64 --prompt-tokens 256 --new-tokens 512 \
-     "$@" --out "$OUT/rollout-$GPU-3b-$tag.json")
+     --repeats 3 "$@" --out "$OUT/rollout-$GPU-3b-$tag.json")
 }
 
 # The sam3 backend needs wheels the GPU image lacks. Here, once (git-ignored `.whl/`, 39 MB):

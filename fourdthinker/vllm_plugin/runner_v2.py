@@ -3,14 +3,15 @@
 vLLM 0.26 runs a model with custom logits processors on its V1 runner (`logits.py`, `state.py`).
 Its V2 runner instead lets a model bring its own `ModelState` (`get_model_state_cls`), which sees
 every request arrive and leave, builds the step's `inputs_embeds` and may wrap the sampler. Here the
-whole latent state machine lives on the GPU, so a step adds a few small kernels and no host work:
+whole latent state machine lives on the GPU, three Triton kernels a step (`latent_kernels`) and no
+host work:
 
-- forcing (`forced_tokens`): from the last latent_size + 1 tokens of each sequence (the runner keeps
-  every request's tokens on the device), pad x latent_size after `<|latent_start|>`, then
-  `<|latent_end|>`; `latent_force_steps` force a start. The sampled token is replaced, and its
-  log-prob is the raw one of the forced token, as the V1 path reports it.
+- forcing: from the last latent_size + 1 tokens of each sequence (the runner keeps every request's
+  tokens on the device), pad x latent_size after `<|latent_start|>`, then `<|latent_end|>`;
+  `latent_force_steps` force a start. The sampled token is replaced, and its log-prob is the raw one
+  of the forced token, as the V1 path reports it.
 - recording: a forced pad's input is this step's hidden state of its row. It is appended to a slab
-  on the device (row index from a running count, no host sync) with the request's serial number
+  on the device (row index from an atomic count, no host sync) with the request's serial number
   and token position, and `vector_row[slot, position]` points at it.
 - injection: every step, each row whose input is a pad takes the slab row its (slot, position)
   points at, written into the runner's persistent `inputs_embeds` buffer (CUDA graphs read it).
@@ -32,24 +33,6 @@ import torch
 CAPACITY_ENV = "FOURDTHINKER_LATENT_CAPACITY"
 DEFAULT_CAPACITY = 65536
 MAX_FORCE_STEPS = 64  # latent_force_steps per request (a probe/test hook)
-
-
-def forced_tokens(tail: torch.Tensor, out_step: torch.Tensor, force_steps: torch.Tensor,
-                  pad_id: int, start_id: int, end_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token each row must sample, or -1, and whether it is a pad (its input gets recorded).
-
-    tail [R, K+1]: each row's last K+1 tokens, oldest first (-1 before the sequence start);
-    out_step [R]: the output index of the token about to be sampled; force_steps [R, F]: output
-    steps forced to `<|latent_start|>` (-1 padding). The rule is the V1 logits processor's."""
-    k = tail.shape[1] - 1
-    trailing = torch.flip(tail == pad_id, [1]).long().cumprod(1).sum(1)  # pads at the end, 0..K+1
-    before = tail.gather(1, (k - trailing).clamp(min=0).unsqueeze(1)).squeeze(1)
-    in_block = (trailing <= k) & (before == start_id)
-    pad = in_block & (trailing < k)
-    end = in_block & (trailing == k)
-    start = ~in_block & (force_steps == out_step.unsqueeze(1)).any(1)
-    token = torch.where(pad, pad_id, torch.where(end, end_id, torch.where(start, start_id, -1)))
-    return token, pad
 
 
 @functools.cache
@@ -76,9 +59,8 @@ class ForcingSampler:
 
 
 def _make_cls(base):
-    from vllm.v1.worker.gpu.sample.output import SamplerOutput
-
     from fourdthinker.tokens import LatentIds
+    from fourdthinker.vllm_plugin import latent_kernels
 
     class LatentModelState(base):
         def __init__(self, vllm_config, model, encoder_cache, device):
@@ -94,8 +76,10 @@ def _make_cls(base):
             self.slab = torch.zeros(self.capacity + 1, hidden, dtype=self.dtype, device=device)
             self.slab_serial = torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=device)
             self.slab_pos = torch.zeros(self.capacity + 1, dtype=torch.int64, device=device)
-            self.count = torch.zeros((), dtype=torch.int64, device=device)
-            self.overflow = torch.zeros((), dtype=torch.bool, device=device)
+            self.count = torch.zeros(1, dtype=torch.int32, device=device)  # vectors recorded (atomic)
+            self.overflow = torch.zeros(1, dtype=torch.int32, device=device)
+            self.forced = torch.full((r,), -1, dtype=torch.int64, device=device)  # a step's forced tokens
+            self.raw = torch.zeros(r, dtype=torch.float32, device=device)  # and their raw log-probs
             self.slot_serial = torch.full((r,), -1, dtype=torch.int64, device=device)
             self.force_steps = torch.full((r, MAX_FORCE_STEPS), -1, dtype=torch.int64, device=device)
             self.req_states = None  # the runner's RequestState (the sampler's), set by custom_sampler
@@ -138,21 +122,8 @@ def _make_cls(base):
         # -- inputs: latent vectors into the pad rows ---------------------------------------
         def get_mm_embeddings(self, scheduled_encoder_inputs, input_batch, req_states):
             embeds = super().get_mm_embeddings(scheduled_encoder_inputs, input_batch, req_states)
-            n = input_batch.num_tokens
-            if n == 0:
-                return embeds
-            ids, pos = input_batch.input_ids[:n], input_batch.positions[:n]
-            if n == input_batch.num_reqs:  # a pure decode step: row i is request i
-                slot = input_batch.idx_mapping[:n].long()
-            else:
-                req = torch.searchsorted(input_batch.query_start_loc[1: input_batch.num_reqs + 1],
-                                         torch.arange(n, device=ids.device, dtype=input_batch.query_start_loc.dtype),
-                                         right=True)
-                slot = input_batch.idx_mapping[req].long()
-            row = self.vector_row[slot, pos.clamp(max=self.max_model_len)]
-            take = (ids == self.pad_id) & (row >= 0)
-            rows = embeds[:n]
-            rows.copy_(torch.where(take.unsqueeze(1), self.slab[row.clamp(min=0)].to(rows.dtype), rows))
+            if input_batch.num_tokens:
+                latent_kernels.inject(embeds, input_batch, self.vector_row, self.slab, self.pad_id)
             return embeds
 
         # -- sampling: forcing and recording ------------------------------------------------
@@ -160,60 +131,18 @@ def _make_cls(base):
             self._hidden = hidden
 
         def plan_step(self, logits: torch.Tensor, input_batch, with_logprobs: bool):
-            """Before sampling: which rows are forced, to what, and (if the batch returns log-probs)
-            their raw log-probs. None for a batch of no request of ours (the runner's dummy runs)."""
+            """Before sampling: the forced tokens and (if the batch returns log-probs) their raw
+            log-probs; records the forced pads' inputs. None for a batch of no request of ours (the
+            runner's dummy runs)."""
             hidden, self._hidden = self._hidden, None
             if hidden is None or not input_batch.req_ids or input_batch.req_ids[0] not in self.live:
                 return None
-            num_reqs = input_batch.num_reqs
-            slot = input_batch.idx_mapping[:num_reqs].long()
-            pos = input_batch.positions[input_batch.logits_indices][:num_reqs].long()  # last input token
-            k = self.latent_size
-            cols = pos.unsqueeze(1) + torch.arange(-k, 1, device=pos.device)
-            tokens = self.req_states.all_token_ids.gpu[slot.unsqueeze(1), cols.clamp(min=0)].long()
-            tail = torch.where(cols >= 0, tokens, -1)
-            out_step = pos + 1 - self.req_states.prompt_len.gpu[slot].long()
-            token, pad = forced_tokens(tail, out_step, self.force_steps[slot], self.pad_id, self.start_id,
-                                       self.end_id)
-            # only rows that really sample (not a chunk in the middle of a prefill)
-            real = input_batch.seq_lens[:num_reqs] >= self.req_states.prefill_len.gpu[slot]
-            token = torch.where(real, token, -1)
-            pad = pad & real
-            raw = None
-            if with_logprobs:  # a pass over the whole vocabulary: only when someone reads it
-                raw = logits.float().log_softmax(-1).gather(1, token.clamp(min=0).unsqueeze(1)).squeeze(1)
-            self._record(hidden[:num_reqs], pad, slot, pos + 1)
-            return token, raw
-
-        def _record(self, hidden: torch.Tensor, pad: torch.Tensor, slot: torch.Tensor, pos: torch.Tensor) -> None:
-            order = torch.cumsum(pad.long(), 0) - 1
-            index = self.count + order
-            self.overflow |= (pad & (index >= self.capacity)).any()
-            index = torch.where(pad & (index < self.capacity), index, self.capacity)
-            self.slab.index_copy_(0, index, hidden.to(self.slab.dtype))
-            self.slab_serial.index_copy_(0, index, self.slot_serial[slot])
-            self.slab_pos.index_copy_(0, index, pos)
-            flat = slot * (self.max_model_len + 1) + torch.where(pad, pos.clamp(max=self.max_model_len),
-                                                                 self.max_model_len)
-            self.vector_row.view(-1).index_copy_(0, flat, torch.where(pad, index, -1))
-            self.count += pad.sum()
+            return latent_kernels.plan(self, input_batch, hidden, logits, self.req_states, with_logprobs)
 
         def apply_step(self, out, plan):
-            if plan is None:
-                return out
-            token, raw = plan
-            forced = token >= 0
-            sampled = out.sampled_token_ids
-            sampled = torch.where(forced.view(-1, 1), token.view(-1, 1).to(sampled.dtype), sampled)
-            logprobs = out.logprobs_tensors
-            if logprobs is not None and raw is not None:  # column 0 is the sampled token
-                ids = logprobs.logprob_token_ids.clone()
-                ids[:, 0] = torch.where(forced, token.to(ids.dtype), ids[:, 0])
-                values = logprobs.logprobs.clone()
-                values[:, 0] = torch.where(forced, raw.to(values.dtype), values[:, 0])
-                logprobs = logprobs._replace(logprob_token_ids=ids, logprobs=values)
-            return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=logprobs, num_nans=out.num_nans,
-                                 num_sampled=out.num_sampled, num_rejected=out.num_rejected)
+            if plan is not None:
+                latent_kernels.apply(out, *plan)
+            return out
 
         def custom_sampler(self, sampler):
             self.req_states = sampler.req_states
@@ -221,10 +150,10 @@ def _make_cls(base):
 
         # -- handing vectors out -------------------------------------------------------------
         def pop(self, keys: list[str]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
-            if bool(self.overflow):
+            if int(self.overflow):
                 raise RuntimeError(f"more than {self.capacity} latent vectors between two pops: raise "
                                    f"{CAPACITY_ENV} (vectors; each takes hidden_size x 2 bytes on the GPU)")
-            n = int(self.count)
+            n = int(self.count)  # at most capacity: past it, overflow is set
             serials = self.slab_serial[:n].cpu().numpy()
             positions = self.slab_pos[:n].cpu().numpy()
             serial_of_key = {key: s for s, key in self.key_of.items()}
