@@ -110,6 +110,30 @@ def test_a_chunk_inside_a_prefill_is_neither_forced_nor_recorded():
     assert int(state.count) == 1 and int(state.vector_row[1, 5]) == 0 and int(state.vector_row[0, 5]) == -1
 
 
+def test_pop_hands_out_each_position_once_its_latest_record_by_request():
+    state, tables = _state(slots=2), _tables(2)
+    for slot, (rid, seq) in enumerate([("r0", [1, 2, START]), ("r1", [3, START])]):
+        tables.all_token_ids.gpu[slot, : len(seq)] = torch.tensor(seq)
+        tables.prompt_len.gpu[slot] = tables.prefill_len.gpu[slot] = len(seq)
+        state.add_request(slot, SimpleNamespace(req_id=rid, sampling_params=SimpleNamespace(
+            extra_args={"latent_key": f"key-{rid}"})))
+    batch = SimpleNamespace(num_reqs=2, idx_mapping=torch.tensor([1, 0], dtype=torch.int32),
+                            logits_indices=torch.arange(2), positions=torch.tensor([1, 2]),
+                            seq_lens=torch.tensor([2, 3], dtype=torch.int32))
+    first, again = torch.randn(2, H), torch.randn(2, H)
+    for hidden in (first, again):  # the same step twice: a preemption threw the first one's output away
+        latent_kernels.plan(state, batch, hidden, torch.randn(2, V), tables, with_logprobs=False)
+    assert int(state.count) == 4
+    for rid in ("r0", "r1"):
+        state.remove_request(rid)
+    popped = state.pop(["key-r0", "key-r1", "key-unknown"])
+    assert popped["key-r0"][0] == [3] and popped["key-r1"][0] == [2]
+    torch.testing.assert_close(popped["key-r0"][1], again[1:2])  # row 1 of the batch is slot 0
+    torch.testing.assert_close(popped["key-r1"][1], again[0:1])
+    assert popped["key-unknown"] == ([], None)
+    assert int(state.count) == 0 and state.pop(["key-r0"]) == {"key-r0": ([], None)}
+
+
 def test_vectors_past_the_slab_capacity_fail_the_pop_with_the_setting_to_raise(monkeypatch):
     from fourdthinker.vllm_plugin.runner_v2 import CAPACITY_ENV
 

@@ -154,29 +154,36 @@ def _make_cls(base):
                 raise RuntimeError(f"more than {self.capacity} latent vectors between two pops: raise "
                                    f"{CAPACITY_ENV} (vectors; each takes hidden_size x 2 bytes on the GPU)")
             n = int(self.count)  # at most capacity: past it, overflow is set
-            serials = self.slab_serial[:n].cpu().numpy()
-            positions = self.slab_pos[:n].cpu().numpy()
             serial_of_key = {key: s for s, key in self.key_of.items()}
+            wanted = {key: serial_of_key.get(key) for key in keys}
+            for serial in wanted.values():  # popped: forget it
+                self.key_of.pop(serial, None)
+            rows, serials, positions = self._rows_of([s for s in wanted.values() if s is not None], n)
+            vectors = self.slab.index_select(0, rows)  # one gather for the whole batch
             out = {}
-            for key in keys:
-                serial = serial_of_key.get(key)
-                if serial is not None:  # popped: forget it
-                    self.key_of.pop(serial, None)
-                rows = np.flatnonzero(serials == serial) if serial is not None else np.zeros(0, dtype=np.int64)
-                if len(rows) == 0:
-                    out[key] = ([], None)
-                    continue
-                # by position; a position recorded twice (a step whose output a preemption threw
-                # away, then sampled again) keeps its last record, the one vector_row points at
-                rows = rows[np.lexsort((rows, positions[rows]))]
-                rows = rows[np.append(positions[rows][1:] != positions[rows][:-1], True)]
-                index = torch.from_numpy(rows).to(self.slab.device)
-                out[key] = ([int(p) for p in positions[rows]], self.slab.index_select(0, index))
+            for key, serial in wanted.items():
+                a, b = np.searchsorted(serials, [serial, serial + 1]) if serial is not None else (0, 0)
+                out[key] = (positions[a:b].tolist(), vectors[a:b]) if b > a else ([], None)
             if not self.live:  # nothing in flight: start the slab over
                 self.count.zero_()
                 self.slab_serial.fill_(-1)
                 self.serial_of.clear()
                 self.key_of.clear()
             return out
+
+        def _rows_of(self, serials: list[int], n: int):
+            """The slab rows of these serials among the first n, by (serial, position), with their
+            serials and positions on the host. A position recorded twice (a step whose output a
+            preemption threw away, then sampled again) keeps its last record, the one vector_row
+            points at: the sort is stable, so of equal (serial, position) the latest row is last."""
+            serial, pos = self.slab_serial[:n], self.slab_pos[:n]
+            key = serial * (self.max_model_len + 2) + pos
+            key = torch.where(torch.isin(serial, torch.tensor(serials, dtype=serial.dtype, device=serial.device)),
+                              key, torch.iinfo(key.dtype).max)
+            key, order = torch.sort(key, stable=True)
+            last = torch.ones_like(key, dtype=torch.bool)
+            last[:-1] = key[1:] != key[:-1]
+            rows = order[last & (key != torch.iinfo(key.dtype).max)]
+            return rows, serial[rows].cpu().numpy(), pos[rows].cpu().numpy()
 
     return LatentModelState
