@@ -349,3 +349,42 @@ def test_chunked_prefill_does_not_force_or_record_inside_a_prompt():
     requests = [("a", [1, START, 2, 3, START], [4]), ("b", [START, PAD, 1], [])]
     got, logprobs, popped, _ = _run_v2(model, requests, new=12, chunk=2)
     _check(model, requests, got, logprobs, popped, 12, blocks=2)
+
+
+# -- the kernels compile for a GPU (the interpreter above is more lenient than the compiler) ------
+_COMPILE = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fourdthinker.vllm_plugin import latent_kernels as lk
+
+# pointer element types at the 3B shape on the V2 runner (bf16 model, fp32 logits); other arguments i32
+POINTERS = {"embeds_ptr": "*bf16", "slab_ptr": "*bf16", "hidden_ptr": "*bf16", "logits_ptr": "*fp32",
+            "logprobs_ptr": "*fp32", "raw_ptr": "*fp32", "positions_ptr": "*i64", "logits_indices_ptr": "*i64",
+            "vector_row_ptr": "*i64", "force_steps_ptr": "*i64", "slot_serial_ptr": "*i64",
+            "slab_serial_ptr": "*i64", "slab_pos_ptr": "*i64", "forced_ptr": "*i64", "sampled_ptr": "*i64",
+            "logprob_ids_ptr": "*i64"}
+CONSTANTS = {"BLOCK_H": 1024, "BLOCK_V": 2048, "BLOCK": 128, "LATENT_SIZE": 8, "TAIL": 16, "FORCE_STEPS": 64}
+for kernel in (lk._inject_kernel, lk._plan_kernel, lk._apply_kernel):
+    for with_logprobs in (True, False):
+        constants = {p.name: CONSTANTS.get(p.name, with_logprobs) for p in kernel.params if p.is_constexpr}
+        signature = {p.name: "constexpr" if p.is_constexpr else POINTERS.get(p.name, "*i32" if p.name.endswith("_ptr")
+                     else "i32") for p in kernel.params}
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], kernel
+print("compiled")
+'''
+
+
+def test_the_kernels_compile_for_a_hopper_gpu():
+    """Triton's compiler and ptxas, no GPU needed: a kernel the interpreter runs but the compiler
+    rejects fails here, not on the GPU machine. In a fresh process: the interpreter is chosen when
+    triton is imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]

@@ -96,7 +96,7 @@ def _plan_kernel(
             chosen = tl.load(logits_ptr + r * logits_stride + token).to(tl.float32)
             tl.store(raw_ptr + r, chosen - m - tl.log(s))
     if is_pad & real:  # its input is this step's hidden state: record it
-        index = tl.atomic_add(count_ptr, 1)
+        index = tl.atomic_add(count_ptr, 1).to(tl.int64)  # 64-bit offsets past it
         if index < capacity:
             offs = tl.arange(0, BLOCK_H)
             for h in range(0, hidden_size, BLOCK_H):
