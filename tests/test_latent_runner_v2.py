@@ -138,9 +138,13 @@ def test_vectors_past_the_slab_capacity_fail_the_pop_with_the_setting_to_raise(m
     from fourdthinker.vllm_plugin.runner_v2 import CAPACITY_ENV
 
     monkeypatch.setenv(CAPACITY_ENV, "5")
-    model = _Rnn(0)
+    model, state = _Rnn(0), _state(SLOTS)
     with pytest.raises(RuntimeError, match=CAPACITY_ENV):
-        _run_v2(model, REQUESTS, new=16)
+        _run_v2(model, REQUESTS, new=16, state=state)
+    # the engine goes on: a batch that fits decodes as usual on the same state afterwards
+    few = [("e", [1, 2, 3], [0])]
+    got, logprobs, popped, _ = _run_v2(model, few, new=6, state=state)
+    _check(model, few, got, logprobs, popped, 6, blocks=1)
 
 
 # -- the model state's mechanics, driven by a small stand-in of the V2 runner ---------------------
@@ -241,13 +245,14 @@ def _reference(model: _Rnn, prompt: list[int], force: list[int], new: int):
 
 
 def _run_v2(model: _Rnn, requests: list[tuple[str, list[int], list[int]]], new: int, *,
-            preempt: tuple[str, int, int] | None = None, chunk: int | None = None, logprobs: bool = True):
+            preempt: tuple[str, int, int] | None = None, chunk: int | None = None, logprobs: bool = True,
+            state=None):
     """Drive LatentModelState as the V2 runner does: slots, a flat batch per step, the sampler
     wrapped, tokens kept per slot. `preempt` = (request, at step, back at step): dropped from its
     slot, then re-added in another one and recomputed from its tokens. `chunk`: prefill chunk size."""
     from fourdthinker.vllm_plugin.runner_v2 import ForcingSampler
 
-    state, tables = _state(SLOTS), _tables(SLOTS)
+    state, tables = state or _state(SLOTS), _tables(SLOTS)  # a state may decode one batch after another
     state.model = SimpleNamespace(embed=model.embed)
     inner = _GreedySampler(logprobs)
     inner.req_states = tables

@@ -150,26 +150,31 @@ def _make_cls(base):
 
         # -- handing vectors out -------------------------------------------------------------
         def pop(self, keys: list[str]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
-            if int(self.overflow):
-                raise RuntimeError(f"more than {self.capacity} latent vectors between two pops: raise "
-                                   f"{CAPACITY_ENV} (vectors; each takes hidden_size x 2 bytes on the GPU)")
-            n = int(self.count)  # at most capacity: past it, overflow is set
             serial_of_key = {key: s for s, key in self.key_of.items()}
             wanted = {key: serial_of_key.get(key) for key in keys}
             for serial in wanted.values():  # popped: forget it
                 self.key_of.pop(serial, None)
+            if int(self.overflow):  # the vectors are lost; the slab starts over for the next batch
+                self._start_over_if_idle()
+                raise RuntimeError(f"more than {self.capacity} latent vectors between two pops: raise "
+                                   f"{CAPACITY_ENV} (vectors; each takes hidden_size x 2 bytes on the GPU)")
+            n = int(self.count)  # at most capacity: past it, overflow is set
             rows, serials, positions = self._rows_of([s for s in wanted.values() if s is not None], n)
             vectors = self.slab.index_select(0, rows)  # one gather for the whole batch
             out = {}
             for key, serial in wanted.items():
                 a, b = np.searchsorted(serials, [serial, serial + 1]) if serial is not None else (0, 0)
                 out[key] = (positions[a:b].tolist(), vectors[a:b]) if b > a else ([], None)
+            self._start_over_if_idle()
+            return out
+
+        def _start_over_if_idle(self) -> None:
             if not self.live:  # nothing in flight: start the slab over
                 self.count.zero_()
+                self.overflow.zero_()
                 self.slab_serial.fill_(-1)
                 self.serial_of.clear()
                 self.key_of.clear()
-            return out
 
         def _rows_of(self, serials: list[int], n: int):
             """The slab rows of these serials among the first n, by (serial, position), with their
