@@ -32,8 +32,6 @@ def engine_test_kwargs() -> dict:
     """Engine settings of the vLLM tests: the defaults on CPU; on a GPU (the lent machine: these
     tests then exercise vLLM's V2 runner) fp32, to compare with the fp32 HF reference, and a share
     of the GPU small enough for the module's two engines."""
-    import torch
-
     return {"dtype": "float32", "gpu_memory_utilization": 0.2} if torch.cuda.is_available() else {}
 
 

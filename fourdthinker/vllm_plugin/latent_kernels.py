@@ -23,6 +23,14 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _copy_row(src_ptr, dst_ptr, size, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    for h in range(0, size, BLOCK):
+        mask = h + offs < size
+        tl.store(dst_ptr + h + offs, tl.load(src_ptr + h + offs, mask=mask), mask=mask)
+
+
 @triton.jit(do_not_specialize=["num_reqs"])  # varies step to step: no recompiles
 def _inject_kernel(embeds_ptr, embeds_stride, input_ids_ptr, positions_ptr, query_start_loc_ptr, idx_mapping_ptr,
                    num_reqs, vector_row_ptr, vector_row_stride, max_model_len, slab_ptr, slab_stride, hidden_size,
@@ -41,11 +49,7 @@ def _inject_kernel(embeds_ptr, embeds_stride, input_ids_ptr, positions_ptr, quer
         pos = tl.minimum(tl.load(positions_ptr + t), max_model_len)
         row = tl.load(vector_row_ptr + slot * vector_row_stride + pos)
         if row >= 0:
-            offs = tl.arange(0, BLOCK_H)
-            for h in range(0, hidden_size, BLOCK_H):
-                mask = h + offs < hidden_size
-                v = tl.load(slab_ptr + row * slab_stride + h + offs, mask=mask)
-                tl.store(embeds_ptr + t * embeds_stride + h + offs, v, mask=mask)
+            _copy_row(slab_ptr + row * slab_stride, embeds_ptr + t * embeds_stride, hidden_size, BLOCK_H)
 
 
 @triton.jit
@@ -98,11 +102,7 @@ def _plan_kernel(
     if is_pad & real:  # its input is this step's hidden state: record it
         index = tl.atomic_add(count_ptr, 1).to(tl.int64)  # 64-bit offsets past it
         if index < capacity:
-            offs = tl.arange(0, BLOCK_H)
-            for h in range(0, hidden_size, BLOCK_H):
-                mask = h + offs < hidden_size
-                v = tl.load(hidden_ptr + r * hidden_stride + h + offs, mask=mask)
-                tl.store(slab_ptr + index * slab_stride + h + offs, v, mask=mask)
+            _copy_row(hidden_ptr + r * hidden_stride, slab_ptr + index * slab_stride, hidden_size, BLOCK_H)
             tl.store(slab_serial_ptr + index, tl.load(slot_serial_ptr + slot))
             tl.store(slab_pos_ptr + index, pos + 1)
             tl.store(vector_row_ptr + slot * vector_row_stride + tl.minimum(pos + 1, max_model_len), index)

@@ -17,8 +17,8 @@ host work:
   points at, written into the runner's persistent `inputs_embeds` buffer (CUDA graphs read it).
   A preempted request leaves its slot; when it is scheduled again (a new slot, the same request id)
   its pointers are rebuilt from the slab, so the recompute feeds the same vectors.
-- `pop(keys)`: one device-to-host read of the slab's bookkeeping. The slab starts over once no
-  request is in flight.
+- `pop(keys)`: the batch's slab rows sorted and de-duplicated on the device, one gather, one read
+  of their bookkeeping to the host. The slab starts over once no request is in flight.
 """
 
 from __future__ import annotations
@@ -70,12 +70,12 @@ def _make_cls(base):
             self.capacity = int(os.environ.get(CAPACITY_ENV, DEFAULT_CAPACITY))
             hidden = vllm_config.model_config.get_hidden_size()
             r, n = self.max_num_reqs, self.max_model_len
-            # slab row of the vector fed at (slot, token position); column n and row `capacity`
-            # take the writes of rows that record nothing
+            # slab row of the vector fed at (slot, token position); column n takes the positions
+            # past the context (clamped), which no input reads
             self.vector_row = torch.full((r, n + 1), -1, dtype=torch.int64, device=device)
-            self.slab = torch.zeros(self.capacity + 1, hidden, dtype=self.dtype, device=device)
-            self.slab_serial = torch.full((self.capacity + 1,), -1, dtype=torch.int64, device=device)
-            self.slab_pos = torch.zeros(self.capacity + 1, dtype=torch.int64, device=device)
+            self.slab = torch.zeros(self.capacity, hidden, dtype=self.dtype, device=device)
+            self.slab_serial = torch.full((self.capacity,), -1, dtype=torch.int64, device=device)
+            self.slab_pos = torch.zeros(self.capacity, dtype=torch.int64, device=device)
             self.count = torch.zeros(1, dtype=torch.int32, device=device)  # vectors recorded (atomic)
             self.overflow = torch.zeros(1, dtype=torch.int32, device=device)
             self.forced = torch.full((r,), -1, dtype=torch.int64, device=device)  # a step's forced tokens
@@ -105,8 +105,8 @@ def _make_cls(base):
             self.slot_serial[req_index].fill_(serial)
             self.vector_row[req_index].fill_(-1)
             if resumed:  # point the new slot at the vectors recorded before the preemption
-                mine = self.slab_serial[: self.capacity] == serial
-                cols = torch.where(mine, self.slab_pos[: self.capacity], self.max_model_len)
+                mine = self.slab_serial == serial
+                cols = torch.where(mine, self.slab_pos, self.max_model_len)
                 self.vector_row[req_index].index_copy_(
                     0, cols, torch.arange(self.capacity, device=cols.device))
                 self.vector_row[req_index, self.max_model_len] = -1
