@@ -56,7 +56,7 @@ def bare_loop(cfg, rows) -> dict:
 
 
 def ray_plan(cfg, rows) -> dict:
-    from fourdthinker.preprocess.dataset import segmented_clips
+    from fourdthinker.actors.preprocess_plan import segmented_clips
 
     marks, t0 = [], time.perf_counter()  # includes the actor pool's start and model load
     for row in segmented_clips(cfg, rows).iter_rows():

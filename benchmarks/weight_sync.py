@@ -43,9 +43,9 @@ def _gap(ray, learner, rollout, prompts, model_config, seed: int):
     """Max |learner - rollout| log-prob over the text tokens of fresh samples, and their rows."""
     import torch
 
+    from fourdthinker.generation import GenerationRequest, SamplingConfig
     from fourdthinker.grpo import build_train_rows, rows_logprob_gap, vision_placeholder_ids
     from fourdthinker.tokens import LatentIds
-    from fourdthinker.vllm_plugin.generate import GenerationRequest, SamplingConfig
 
     requests = [GenerationRequest(text, frames=frames, force_latent_steps=[1]) for text, frames in prompts]
     sampling = SamplingConfig(n=2, max_tokens=24, temperature=1.0, seed=seed, ignore_eos=True)

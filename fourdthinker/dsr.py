@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from fourdthinker.atomic import atomic_write, atomic_write_json
 from fourdthinker.errors import UsageError
 from fourdthinker.prompts import question_prompt
 from fourdthinker.rewards import extract_choice
@@ -261,21 +260,10 @@ def write_results(records: Sequence[DsrRecord], summary: Mapping[str, Any], out_
     ]
     samples_path = out_dir / f"{stem}.jsonl"
     summary_path = out_dir / f"{stem}_summary.json"
-    _write_atomic(samples_path, "".join(line + "\n" for line in lines))
-    _write_atomic(summary_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    # a crashed run must not leave a truncated results file that looks complete
+    atomic_write(samples_path, "".join(line + "\n" for line in lines))
+    atomic_write_json(summary_path, summary)
     return samples_path, summary_path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    # A crashed run must not leave a truncated results file that looks complete.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------------ published results

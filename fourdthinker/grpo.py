@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fourdthinker.generation import Completion
 from fourdthinker.losses import KL_ESTIMATORS, GrpoLoss, grpo_loss, kl_penalty  # noqa: F401  (re-exported)
 from fourdthinker.rewards import RewardScores
 from fourdthinker.tokens import LatentIds
-from fourdthinker.vllm_plugin.generate import Completion
 
 
 # -- advantages -------------------------------------------------------------------------------------

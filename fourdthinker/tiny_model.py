@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fourdthinker.outdir import OutputDirError, atomic_output_dir, check_output_dir
+from fourdthinker.atomic import OutputDirError, atomic_output_dir, check_output_dir
 from fourdthinker.tokens import DEFAULT_LATENT_SIZE, LATENT_TOKENS, add_latent_tokens
 
 # Qwen2's special tokens, in Qwen's order (ids follow the BPE vocabulary, as in the real tokenizer).
@@ -134,8 +134,7 @@ def _merges_of(bpe) -> list:
 
 
 def build_processor(tokenizer):
-    from transformers import (Qwen2_5_VLProcessor, Qwen2VLImageProcessor,
-                              Qwen2VLVideoProcessor)
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
     return Qwen2_5_VLProcessor(

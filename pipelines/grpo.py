@@ -125,9 +125,9 @@ def train(cfg: GrpoConfig) -> dict[str, float]:
     from transformers import AutoConfig, AutoTokenizer
 
     from fourdthinker.data.rl_dataset import PromptOrder, read_rl_jsonl
+    from fourdthinker.generation import Completion, GenerationRequest, SamplingConfig
     from fourdthinker.grpo import build_train_rows, group_advantages, rollout_metrics, vision_placeholder_ids
     from fourdthinker.tokens import LatentIds
-    from fourdthinker.vllm_plugin.generate import Completion, GenerationRequest, SamplingConfig
 
     prompts, skipped = read_rl_jsonl(cfg.train_jsonl)
     if not prompts:

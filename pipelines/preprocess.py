@@ -12,9 +12,9 @@ Re-running resumes: finished clips are skipped and the final files are rebuilt f
 
 from __future__ import annotations
 
+from fourdthinker.actors.preprocess_plan import annotated_clips
 from fourdthinker.cluster import run_stage
 from fourdthinker.preprocess.config import PreprocessConfig
-from fourdthinker.preprocess.dataset import annotated_clips
 from fourdthinker.preprocess.index import build_index
 from fourdthinker.preprocess.manifest import summary_table, write_outputs
 

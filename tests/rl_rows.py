@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fourdthinker.generation import GenerationRequest, SamplingConfig
 from fourdthinker.grpo import build_train_rows, rows_logprob_gap, vision_placeholder_ids
 from fourdthinker.prompts import question_prompt
-from fourdthinker.vllm_plugin.generate import GenerationRequest, SamplingConfig
 
 
 def clip(seed: int) -> list[Image.Image]:

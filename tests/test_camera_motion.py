@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from fourdthinker.data.vocab import CAMERA_LABELS, CAMERA_STAY
 from fourdthinker.preprocess.camera_motion import (
     InvalidPoses,
     TooFewPoses,
@@ -23,7 +24,6 @@ from fourdthinker.preprocess.camera_motion import (
     quaternions_to_matrices,
     segment_labels,
 )
-from fourdthinker.preprocess.vocab import CAMERA_LABELS, CAMERA_STAY
 
 AXES = {"x": np.array([1.0, 0, 0]), "y": np.array([0, 1.0, 0]), "z": np.array([0, 0, 1.0])}
 STEP = 0.05  # translation per subsampled step, 2.5x the 0.02 threshold

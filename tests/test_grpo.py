@@ -11,13 +11,23 @@ import pytest
 import torch
 
 from fourdthinker.config import ConfigError, load_config
-from fourdthinker.grpo import (TrainRows, build_train_rows, group_advantages, grpo_loss, kl_penalty,
-                               logprob_gap, pad_rows, rollout_metrics, rows_logprob_gap, text_token_mask,
-                               vision_placeholder_ids)
+from fourdthinker.generation import Completion
+from fourdthinker.grpo import (
+    TrainRows,
+    build_train_rows,
+    group_advantages,
+    grpo_loss,
+    kl_penalty,
+    logprob_gap,
+    pad_rows,
+    rollout_metrics,
+    rows_logprob_gap,
+    text_token_mask,
+    vision_placeholder_ids,
+)
 from fourdthinker.grpo_config import GrpoConfig
 from fourdthinker.rewards import score_completions
 from fourdthinker.tokens import LatentIds
-from fourdthinker.vllm_plugin.generate import Completion
 
 IDS = LatentIds(pad=90, start=91, end=92, latent_size=2)
 

@@ -10,6 +10,7 @@ import pytest
 
 from fourdthinker.data.spatialvid import read_indexes, read_intrinsics, read_poses, world_to_camera_rows
 from fourdthinker.data.synth import SynthConfig, build_world
+from fourdthinker.data.vocab import OBJECT_DIRECTIONS, SPEED_LABELS, STATIONARY
 from fourdthinker.preprocess.object_motion import (
     CameraTrack,
     MotionThresholds,
@@ -21,7 +22,6 @@ from fourdthinker.preprocess.object_motion import (
     object_motion,
     speed_label,
 )
-from fourdthinker.preprocess.vocab import OBJECT_DIRECTIONS, SPEED_LABELS, STATIONARY
 
 FPS = 5
 

@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from fourdthinker.actors import preprocess_plan as dataset
 from fourdthinker.actors import segmenter as segmenter_module
+from fourdthinker.actors.preprocess_plan import NameObjects, segment_batches
 from fourdthinker.actors.segmenter import SegmentClips, Track
-from fourdthinker.preprocess import dataset
 from fourdthinker.preprocess.config import LlmConfig, PreprocessConfig, SegmenterConfig
-from fourdthinker.preprocess.dataset import NameObjects, segment_batches
 from fourdthinker.preprocess.index import STATUS_OK, build_index
 from fourdthinker.preprocess.llm_writer import LlmWriterConfig, _ImageEncoder
 

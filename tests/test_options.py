@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from fourdthinker.preprocess import vocab
+from fourdthinker.data import vocab
 from fourdthinker.preprocess.options import (
     camera_distractors,
     direction_distractors,

@@ -13,19 +13,19 @@ import pytest
 from PIL import Image
 
 from fourdthinker.data.video import fit_to_pixel_budget
+from fourdthinker.data.vocab import DISTANCE_SAME
 from fourdthinker.preprocess.qa import (
     DYNAMIC_KIND_WEIGHTS,
     MentalImage,
-    available_dynamic_kinds,
     QuestionDropped,
     TemplateWriter,
+    available_dynamic_kinds,
     draw_dynamic_kinds,
     format_seconds,
     validate_sample,
     write_clip_questions,
 )
 from fourdthinker.preprocess.records import ClipAnnotation, ObjectTrack, QaSample
-from fourdthinker.preprocess.vocab import DISTANCE_SAME
 from fourdthinker.tokens import OUTPUT_IMAGE
 
 WIDTH, HEIGHT, FRAMES = 560, 420, 10  # over the pixel budget: the model sees 504x364

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fourdthinker.generation import GenerationRequest, SamplingConfig
 from fourdthinker.prompts import question_prompt
-from fourdthinker.vllm_plugin.generate import GenerationRequest, SamplingConfig
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 
 from fourdthinker.data.collate import prompt_batch
+from fourdthinker.generation import GenerationRequest, SamplingConfig
 from fourdthinker.model import completion_logprobs, generate_latent
 from fourdthinker.prompts import question_prompt
 from fourdthinker.tokens import LatentIds
-from fourdthinker.vllm_plugin.generate import GenerationRequest, LatentGenerator, SamplingConfig
+from fourdthinker.vllm_plugin.generate import LatentGenerator
 
 pytestmark = pytest.mark.slow
 

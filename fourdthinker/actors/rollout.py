@@ -14,7 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from fourdthinker.vllm_plugin.generate import Completion, GenerationRequest, LatentGenerator, SamplingConfig
+from fourdthinker.generation import Completion, GenerationRequest, SamplingConfig
+from fourdthinker.vllm_plugin.generate import LatentGenerator
 from fourdthinker.weights import WeightBucket
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fourdthinker.atomic import atomic_write_jsonl
 from fourdthinker.tokens import OUTPUT_IMAGE
 
 logger = logging.getLogger(__name__)
@@ -126,13 +127,4 @@ def read_dift_jsonl(path: str | Path) -> tuple[list[DiftSample], collections.Cou
 
 def write_dift_jsonl(samples: Iterable[DiftSample], path: str | Path) -> None:
     """Write samples in the reference format (UTF-8, one object per line), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for sample in samples:
-                f.write(json.dumps(asdict(sample), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_jsonl(path, (asdict(sample) for sample in samples))

@@ -33,12 +33,12 @@ import av
 import numpy as np
 import pandas as pd
 
+from fourdthinker.atomic import atomic_output_dir
 from fourdthinker.data.render import Ground, Intrinsics, SceneFrame, cast_rays, render
 from fourdthinker.data.spatialvid import METADATA_CSV, ClipPaths, world_to_camera_rows, write_annotations
+from fourdthinker.data.vocab import OBJECT_DIRECTIONS, SPEED_LABELS
 from fourdthinker.dsr import SUBTASKS
 from fourdthinker.errors import UsageError
-from fourdthinker.outdir import atomic_output_dir
-from fourdthinker.preprocess.vocab import OBJECT_DIRECTIONS, SPEED_LABELS
 
 MAX_FRAMES = 50     # SpatialVID preprocessing skips clips with more extracted frames
 MIN_FRAMES = 6      # two subsampled camera steps and three thirds for the speed questions
@@ -237,7 +237,7 @@ PALETTE: dict[str, tuple[float, float, float]] = {
     "brown": (0.45, 0.27, 0.1),
 }
 
-DIRECTIONS = OBJECT_DIRECTIONS  # the reference vocabularies (preprocess/vocab.py)
+DIRECTIONS = OBJECT_DIRECTIONS  # the reference vocabularies (data/vocab.py)
 SPEEDS = SPEED_LABELS
 # Normalised distance travelled s(tau), tau in [0, 1], for each generated speed profile.
 _SPEED_PROFILES: dict[str, Callable[[np.ndarray], np.ndarray]] = {

@@ -23,7 +23,7 @@ from typing import Literal
 
 import numpy as np
 
-from fourdthinker.preprocess.vocab import CAMERA_LABEL_ABBREVIATIONS, CAMERA_LABELS, CAMERA_STAY
+from fourdthinker.data.vocab import CAMERA_LABEL_ABBREVIATIONS, CAMERA_LABELS, CAMERA_STAY
 
 Rule = Literal["geometric", "spatialvid"]
 RULES: tuple[Rule, ...] = ("geometric", "spatialvid")

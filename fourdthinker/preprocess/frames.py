@@ -17,10 +17,10 @@ from pathlib import Path
 import av
 import numpy as np
 
+from fourdthinker.atomic import atomic_write_json
 from fourdthinker.data.video import FrameLoadError, decode_video, spread_indices
 from fourdthinker.preprocess.config import PreprocessConfig
 from fourdthinker.preprocess.index import STATUS_DROPPED, STATUS_OK
-from fourdthinker.preprocess.manifest import write_json_atomic
 
 FRAMES_DIR = "frames"
 FRAMES_INDEX = "frames.json"
@@ -113,7 +113,7 @@ def extract_frames(row: dict, cfg: PreprocessConfig) -> dict:
     record = {"files": names, "times": (np.asarray(keep, dtype=np.float64) / cfg.fps).tolist(),
               "width": width, "height": height, "stream_fps": info.fps,
               "source_width": info.width, "source_height": info.height, "video_path": row["video_path"]}
-    write_json_atomic(frames_dir / FRAMES_INDEX, record)
+    atomic_write_json(frames_dir / FRAMES_INDEX, record)
     return {**row, **_read_existing(frames_dir)}
 
 

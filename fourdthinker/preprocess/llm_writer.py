@@ -24,7 +24,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import threading
 import weakref
 from collections import OrderedDict
@@ -36,6 +35,7 @@ from typing import Any, TypeVar
 import openai
 from PIL import Image
 
+from fourdthinker.atomic import atomic_write_json
 from fourdthinker.data.video import MAX_FRAMES, MAX_PIXELS, fit_to_pixel_budget, spread_indices
 from fourdthinker.errors import UsageError
 from fourdthinker.preprocess.options import format_movement
@@ -563,10 +563,5 @@ class _ReplyCache:
             return None
 
     def put(self, key: str, reply: str) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"reply": reply}, handle)
-        os.replace(tmp, path)
+        atomic_write_json(self._path(key), {"reply": reply}, indent=None)
 

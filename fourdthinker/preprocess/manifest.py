@@ -9,15 +9,14 @@ resumed run writes exactly what an uninterrupted one would.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
+from fourdthinker.atomic import atomic_write, atomic_write_json, atomic_write_jsonl
 from fourdthinker.rewards import format_reward
 from fourdthinker.tokens import OUTPUT_IMAGE
 
@@ -33,19 +32,6 @@ MANIFEST_COLUMNS = ("clip_id", "group", "bucket", "sample_id", "kind", "answer",
 _REASON_HEAD = re.compile(r"^[^:]*")
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON so that readers see the old file or the whole new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def clip_result_path(output_dir: str | Path, clip_id: str) -> Path:
     return Path(output_dir) / CLIPS_DIR / f"{clip_id}.json"
 
@@ -53,7 +39,7 @@ def clip_result_path(output_dir: str | Path, clip_id: str) -> Path:
 def write_clip_result(output_dir: str | Path, result: dict) -> Path:
     """Record one clip as finished (processed or dropped with a reason)."""
     path = clip_result_path(output_dir, result["clip_id"])
-    write_json_atomic(path, result)
+    atomic_write_json(path, result)
     return path
 
 
@@ -134,29 +120,18 @@ def summarize(results: Iterable[dict]) -> dict:
     }
 
 
-def _write_jsonl_atomic(path: Path, records: Iterable[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write_outputs(output_dir: str | Path) -> dict:
     """Rebuild dift.jsonl, rl.jsonl, manifest.parquet and summary.json from every clip result."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = read_clip_results(output_dir)
     samples = [s for r in results for s in r.get("samples", [])]
-    _write_jsonl_atomic(output_dir / DIFT_JSONL, (s["dift"] for s in samples))
-    _write_jsonl_atomic(output_dir / RL_JSONL, (s["rl"] for s in samples))
+    atomic_write_jsonl(output_dir / DIFT_JSONL, (s["dift"] for s in samples))
+    atomic_write_jsonl(output_dir / RL_JSONL, (s["rl"] for s in samples))
     manifest = pd.DataFrame([row for r in results for row in _manifest_rows(r)], columns=list(MANIFEST_COLUMNS))
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_PARQUET}.", dir=output_dir)
-    os.close(fd)
-    manifest.to_parquet(tmp, index=False)
-    os.replace(tmp, output_dir / MANIFEST_PARQUET)
+    atomic_write(output_dir / MANIFEST_PARQUET, lambda tmp: manifest.to_parquet(tmp, index=False))
     summary = summarize(results)
-    write_json_atomic(output_dir / SUMMARY_JSON, summary)
+    atomic_write_json(output_dir / SUMMARY_JSON, summary)
     return summary
 
 

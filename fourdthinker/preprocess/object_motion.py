@@ -24,7 +24,7 @@ whatever S is; camera translation up to the error of S; the toward/away componen
 area ratio. We prefer this over "subtract the static object's mask motion" because image motion
 induced by translation scales with 1/depth, which differs between the two objects.
 
-Labels are in the reference vocabularies (`fourdthinker.preprocess.vocab`); sideways motion is
+Labels are in the reference vocabularies (`fourdthinker.data.vocab`); sideways motion is
 measured in object sizes and motion along the line of sight as a fraction of the distance, so the
 thresholds fit near and far objects alike.
 """
@@ -37,13 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fourdthinker.data.spatialvid import rows_to_world_to_camera
-from fourdthinker.preprocess.vocab import (
-    DISTANCE_CLOSER,
-    DISTANCE_FARTHER,
-    DISTANCE_SAME,
-    STATIONARY,
-    SPEED_LABELS,
-)
+from fourdthinker.data.vocab import DISTANCE_CLOSER, DISTANCE_FARTHER, DISTANCE_SAME, SPEED_LABELS, STATIONARY
 
 # Screen directions by 45-degree sector of the (right, up) motion angle, counter-clockwise from right.
 _SECTORS = ("Moving Right", "Moving Right-Up", "Moving Up", "Moving Left-Up", "Moving Left",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from fourdthinker.preprocess.vocab import (
+from fourdthinker.data.vocab import (
     CAMERA_LABELS,
     CAMERA_OPPOSITES,
     DIRECTION_OPPOSITES,

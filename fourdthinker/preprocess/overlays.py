@@ -13,13 +13,12 @@ contours only, which needs no connected-component pass (and no OpenCV).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from fourdthinker.atomic import atomic_write
 from fourdthinker.data.video import MAX_PIXELS, fit_to_pixel_budget
 
 HIGHLIGHT_RGB = (255, 0, 0)
@@ -134,13 +133,6 @@ def _dilate(mask: np.ndarray, rings: int, pad_value: bool) -> np.ndarray:
 
 def _save_atomically(image: Image.Image, path: Path) -> None:
     # Readers (training, a resumed pipeline) never see a half-written image.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        is_jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-        image.save(tmp, format="JPEG" if is_jpeg else None, **({"quality": JPEG_QUALITY} if is_jpeg else {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    is_jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    kwargs = {"format": "JPEG", "quality": JPEG_QUALITY} if is_jpeg else {"format": Image.registered_extensions().get(path.suffix.lower())}
+    atomic_write(path, lambda tmp: image.save(tmp, **kwargs))

@@ -30,6 +30,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from fourdthinker.data.video import MAX_PIXELS, PATCH_FACTOR, spread_indices
+from fourdthinker.data.vocab import CAMERA_STAY, DISTANCE_CLOSER, DISTANCE_FARTHER, DISTANCE_SAME, STATIONARY
 from fourdthinker.preprocess.camera_motion import normalize_camera_label
 from fourdthinker.preprocess.options import (
     camera_distractors,
@@ -41,13 +42,6 @@ from fourdthinker.preprocess.options import (
 )
 from fourdthinker.preprocess.overlays import OverlayRejected, write_overlay
 from fourdthinker.preprocess.records import ClipAnnotation, ObjectTrack, QaSample
-from fourdthinker.preprocess.vocab import (
-    CAMERA_STAY,
-    DISTANCE_CLOSER,
-    DISTANCE_FARTHER,
-    DISTANCE_SAME,
-    STATIONARY,
-)
 from fourdthinker.prompts import OPTION_LETTERS
 from fourdthinker.tokens import OUTPUT_IMAGE
 

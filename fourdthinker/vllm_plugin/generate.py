@@ -20,39 +20,8 @@ import torch
 from PIL import Image
 
 from fourdthinker.data.video import MAX_FRAMES, MAX_PIXELS, VIDEO_FPS, decode_video, fit_frames, load_frames
+from fourdthinker.generation import Completion, GenerationRequest, SamplingConfig
 from fourdthinker.tokens import LatentIds
-
-
-@dataclass
-class GenerationRequest:
-    """One prompt: the user text (question + options + suffix) and its clip, as frames or a path."""
-
-    text: str
-    frames: Sequence[Image.Image] | None = None
-    frame_paths: Sequence[str] | None = None
-    video_path: str | None = None
-    force_latent_steps: Sequence[int] = ()  # test/probe hook: output steps forced to <|latent_start|>
-
-
-@dataclass
-class SamplingConfig:
-    n: int = 1
-    max_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]  # raw log-prob of each generated token (forced ones included)
-    latents: torch.Tensor | None  # [num_latent_slots, hidden] the vectors fed, in the engine's dtype
-    latent_positions: list[int]  # completion-relative index of each latent slot
-    finish_reason: str
-    error: str | None = None
 
 
 @dataclass
