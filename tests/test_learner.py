@@ -85,3 +85,26 @@ def test_a_nonfinite_loss_skips_the_step_and_leaves_the_weights(cluster):
     assert group.parameter_checksums() == before
     # and the next good step trains again
     assert group.train_step(PROMPTS, rollout_rows(ray, rollout, config))["optimizer_steps"] == 1
+
+
+def test_one_step_raises_the_logprob_of_positive_advantage_rows_and_lowers_negative_ones(cluster):
+    """Which way the policy moved: a sign slip in the advantages (or the loss) trains the wrong way,
+    which no loss-falls or consistency check sees."""
+    from fourdthinker.grpo import pad_rows, trainable_text_mask
+
+    ray, group, rollout, config = cluster
+    ids = LatentIds.from_config(config)
+    rows = rollout_rows(ray, rollout, config)  # advantages +1, -1, +1, -1
+
+    def mean_text_logprob():
+        logp, valid = pad_rows(group.logprobs(PROMPTS, rows))
+        mask = trainable_text_mask(rows, valid, ids).float()
+        return (logp * mask).sum(1) / mask.sum(1)
+
+    before = mean_text_logprob()
+    assert group.train_step(PROMPTS, rows)["optimizer_steps"] == 1
+    change = mean_text_logprob() - before
+    positive, negative = rows.advantages > 0, rows.advantages < 0
+    assert positive.any() and negative.any()
+    assert (change[positive] > 0).all(), change
+    assert (change[negative] < 0).all(), change
