@@ -58,8 +58,8 @@ def save_checkpoint(learner, run_dir: Path, step: int, cfg: GrpoConfig) -> Path:
 
 
 # -- placement ---------------------------------------------------------------------------------------
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+def _bundle(cpus: float, gpus: float, named: dict[str, float]) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {}), **named}
 
 
 def build_actors(cfg: GrpoConfig):
@@ -77,12 +77,16 @@ def build_actors(cfg: GrpoConfig):
 
     if cfg.colocate:
         gpus = 1.0 if cfg.rollout_gpus + cfg.learner_gpus > 0 else 0.0
-        shared = placement_group([_bundle(cfg.rollout_cpus + cfg.learner_cpus, gpus)] * cfg.num_learners,
+        named = {k: cfg.rollout_resources.get(k, 0) + cfg.learner_resources.get(k, 0)
+                 for k in {**cfg.rollout_resources, **cfg.learner_resources}}
+        shared = placement_group([_bundle(cfg.rollout_cpus + cfg.learner_cpus, gpus, named)] * cfg.num_learners,
                                  strategy="PACK")
         rollout_pg = learner_pg = shared
     else:
-        rollout_pg = placement_group([_bundle(cfg.rollout_cpus, cfg.rollout_gpus)] * cfg.num_rollouts, strategy="PACK")
-        learner_pg = placement_group([_bundle(cfg.learner_cpus, cfg.learner_gpus)] * cfg.num_learners, strategy="PACK")
+        rollout_pg = placement_group([_bundle(cfg.rollout_cpus, cfg.rollout_gpus, cfg.rollout_resources)]
+                                     * cfg.num_rollouts, strategy="PACK")
+        learner_pg = placement_group([_bundle(cfg.learner_cpus, cfg.learner_gpus, cfg.learner_resources)]
+                                     * cfg.num_learners, strategy="PACK")
     ray.get([rollout_pg.ready(), learner_pg.ready()])
 
     engine = dict(cfg.engine)
