@@ -106,10 +106,19 @@ def test_rays_validator_catches_a_broken_cluster_yaml():
 
 
 # -- what the 3B stages ask for against what the worker types offer --------------------------------
+def _pipeline(stage: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{stage}_pipeline", ROOT / "pipelines" / f"{stage}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def stage_requests(cfg) -> list[tuple[str, dict[str, float], int]]:
     """(what, Ray resources of one actor/worker/bundle, how many) the stage asks for, as its pipeline
     asks: preprocess_plan.py (decode tasks, segmenter pool; naming and annotate actors take 1 CPU),
-    dift.py (ScalingConfig), grpo.py (placement-group bundles)."""
+    dift.py (ScalingConfig), grpo.py (its placement-group bundles, from the pipeline itself)."""
     def ask(cpus: float, gpus: float, named: dict[str, float]) -> dict[str, float]:
         return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {}), **named}
 
@@ -120,13 +129,7 @@ def stage_requests(cfg) -> list[tuple[str, dict[str, float], int]]:
     if isinstance(cfg, DiftConfig):
         return [("worker", ask(cfg.cpus_per_worker, 1 if cfg.use_gpu else 0, cfg.worker_resources), cfg.num_workers)]
     if isinstance(cfg, GrpoConfig):
-        if cfg.colocate:
-            named = {k: cfg.rollout_resources.get(k, 0) + cfg.learner_resources.get(k, 0)
-                     for k in {**cfg.rollout_resources, **cfg.learner_resources}}
-            gpus = 1 if cfg.rollout_gpus + cfg.learner_gpus > 0 else 0
-            return [("colocated", ask(cfg.rollout_cpus + cfg.learner_cpus, gpus, named), cfg.num_learners)]
-        return [("rollout", ask(cfg.rollout_cpus, cfg.rollout_gpus, cfg.rollout_resources), cfg.num_rollouts),
-                ("learner", ask(cfg.learner_cpus, cfg.learner_gpus, cfg.learner_resources), cfg.num_learners)]
+        return [(name, bundles[0], len(bundles)) for name, bundles in _pipeline("grpo").placement_bundles(cfg).items()]
     raise AssertionError(f"no resource requests known for {type(cfg).__name__}; add them to stage_requests")
 
 
@@ -358,3 +361,14 @@ def test_docs_job_commands_run_existing_stages_with_absolute_paths():
         load_shipped(ROOT / config, tuple(overrides))
     assert {"preprocess", "dift", "grpo", "evaluate"} <= stages
     assert variables["S"].startswith("/mnt/cluster_storage/")
+
+
+def test_grpo_bundles_carry_the_named_resources_of_what_they_hold():
+    grpo = _pipeline("grpo")
+    base = ROOT / "configs/3b/grpo_1gpu.yaml"  # colocated: one bundle holds a rollout and a learner
+    colocated = load_shipped(base, ("learner_resources={a: 0.5}", "rollout_resources={a: 0.25, b: 1}"))
+    assert grpo.placement_bundles(colocated) == {"colocated": [{"CPU": 8.0, "GPU": 1.0, "a": 0.75, "b": 1}]}
+    apart = load_shipped(ROOT / "configs/3b/grpo.yaml")
+    assert grpo.placement_bundles(apart) == {
+        "rollout": [{"CPU": 8.0, "GPU": 1.0, "accelerator_type:H200": 0.001}] * 4,
+        "learner": [{"CPU": 8.0, "GPU": 1.0, "accelerator_type:H200": 0.001}] * 4}
