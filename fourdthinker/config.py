@@ -138,6 +138,24 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+# Resources Ray counts under their own options (num_cpus, num_gpus, memory): a mapping of named
+# resources must not repeat them, or Ray rejects the request at schedule time, long after load.
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def check_named_resources(key: str, resources: dict[str, Any]) -> None:
+    """A `{name: amount}` mapping of Ray custom resources (a node's `--resources`, e.g. a cluster
+    worker type's `accelerator_type:H200` or a role name) asked for per actor or worker."""
+    for name, amount in resources.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{key}: resource names must be non-empty strings, got {name!r}")
+        if name in RAY_BUILTIN_RESOURCES:
+            raise ConfigError(f"{key}.{name}: CPUs, GPUs and memory have their own keys; list only named "
+                              "(custom) resources here")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ConfigError(f"{key}.{name}: expected an amount >= 0, got {amount!r}")
+
+
 # -- stage configs ---------------------------------------------------------------------------------
 @dataclasses.dataclass
 class DiftConfig:
@@ -166,6 +184,9 @@ class DiftConfig:
     num_workers: int = 1
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = 1.0
+    # Named Ray resources each worker also asks for, e.g. {"accelerator_type:H200": 0.001} to land on
+    # one cluster worker type (cluster.yaml declares the names its node types offer).
+    worker_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     checkpoint_every: int = 50  # optimizer steps; 0 disables intermediate checkpoints
     keep_checkpoints: int = 2
     seed: int = 42
@@ -190,3 +211,4 @@ class DiftConfig:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr: must be positive, got {self.lr}")
+        check_named_resources("worker_resources", self.worker_resources)

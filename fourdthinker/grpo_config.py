@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from fourdthinker.config import ConfigError
+from fourdthinker.config import ConfigError, check_named_resources
 from fourdthinker.rewards import RewardSpec
 
 KlEstimator = Literal["k1", "k3"]
@@ -58,11 +58,15 @@ class GrpoConfig:
     freeze_vision_tower: bool = True
     learner_gpus: float = 1.0  # per learner actor; 0 trains on CPU (gloo)
     learner_cpus: float = 1.0
+    # Named Ray resources per learner (and below, per rollout actor), e.g. {"accelerator_type:H200": 0.001}
+    # to land on one cluster worker type (cluster.yaml declares the names its node types offer).
+    learner_resources: dict[str, float] = dataclasses.field(default_factory=dict)
 
     # -- rollout actors --------------------------------------------------------------------------
     num_rollouts: int = 1
     rollout_gpus: float = 1.0  # per rollout actor
     rollout_cpus: float = 1.0
+    rollout_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra vLLM engine kwargs
     rollout_env: dict[str, str] = dataclasses.field(default_factory=dict)  # actor env vars
     colocate: bool = False  # rollout i and learner i share one bundle (one GPU): engine sleeps to train
@@ -126,3 +130,5 @@ class GrpoConfig:
         if self.weight_sync == "cuda_ipc" and not (self.colocate and self.learner_gpus > 0):
             raise ConfigError("weight_sync: cuda_ipc needs colocate: true with learner_gpus > 0 (one GPU shared)")
         self.reward_specs()  # unknown reward names fail here, at load time
+        check_named_resources("learner_resources", self.learner_resources)
+        check_named_resources("rollout_resources", self.rollout_resources)

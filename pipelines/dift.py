@@ -36,7 +36,7 @@ def _train(cfg: DiftConfig) -> int:
         train_loop_per_worker,
         train_loop_config=to_dict(cfg),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **cfg.worker_resources}),
         run_config=RunConfig(name=cfg.run_name, storage_path=str(output_dir),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )

@@ -58,8 +58,20 @@ def save_checkpoint(learner, run_dir: Path, step: int, cfg: GrpoConfig) -> Path:
 
 
 # -- placement ---------------------------------------------------------------------------------------
-def _bundle(cpus: float, gpus: float) -> dict[str, float]:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {})}
+def _bundle(cpus: float, gpus: float, named: dict[str, float]) -> dict[str, float]:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {}), **named}
+
+
+def placement_bundles(cfg: GrpoConfig) -> dict[str, list[dict[str, float]]]:
+    """The placement-group bundles the run asks for: "rollout" and "learner" (separate groups), or one
+    "colocated" group whose bundle i holds rollout i and learner rank i on one GPU."""
+    if cfg.colocate:
+        gpus = 1.0 if cfg.rollout_gpus + cfg.learner_gpus > 0 else 0.0
+        named = {k: cfg.rollout_resources.get(k, 0) + cfg.learner_resources.get(k, 0)
+                 for k in {**cfg.rollout_resources, **cfg.learner_resources}}
+        return {"colocated": [_bundle(cfg.rollout_cpus + cfg.learner_cpus, gpus, named)] * cfg.num_learners}
+    return {"rollout": [_bundle(cfg.rollout_cpus, cfg.rollout_gpus, cfg.rollout_resources)] * cfg.num_rollouts,
+            "learner": [_bundle(cfg.learner_cpus, cfg.learner_gpus, cfg.learner_resources)] * cfg.num_learners}
 
 
 def build_actors(cfg: GrpoConfig):
@@ -75,14 +87,8 @@ def build_actors(cfg: GrpoConfig):
     from fourdthinker.actors.learner import LearnerGroup
     from fourdthinker.actors.rollout import rollout_actor_class
 
-    if cfg.colocate:
-        gpus = 1.0 if cfg.rollout_gpus + cfg.learner_gpus > 0 else 0.0
-        shared = placement_group([_bundle(cfg.rollout_cpus + cfg.learner_cpus, gpus)] * cfg.num_learners,
-                                 strategy="PACK")
-        rollout_pg = learner_pg = shared
-    else:
-        rollout_pg = placement_group([_bundle(cfg.rollout_cpus, cfg.rollout_gpus)] * cfg.num_rollouts, strategy="PACK")
-        learner_pg = placement_group([_bundle(cfg.learner_cpus, cfg.learner_gpus)] * cfg.num_learners, strategy="PACK")
+    groups = {name: placement_group(bundles, strategy="PACK") for name, bundles in placement_bundles(cfg).items()}
+    rollout_pg, learner_pg = (groups["colocated"],) * 2 if cfg.colocate else (groups["rollout"], groups["learner"])
     ray.get([rollout_pg.ready(), learner_pg.ready()])
 
     engine = dict(cfg.engine)
@@ -94,7 +100,7 @@ def build_actors(cfg: GrpoConfig):
         runtime_env={"env_vars": dict(cfg.rollout_env)}).remote(cfg.model_dir, engine)
         for i in range(cfg.num_rollouts)]
     learner = LearnerGroup(cfg, placement_group=learner_pg)
-    return rollouts, learner, [rollout_pg] if cfg.colocate else [rollout_pg, learner_pg]
+    return rollouts, learner, list(groups.values())
 
 
 # -- the run -----------------------------------------------------------------------------------------

@@ -40,3 +40,22 @@ def test_compiled_blocks_are_refused_under_zero3():
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="no-such.yaml"):
         load_config(DiftConfig, "no-such.yaml")
+
+
+def test_named_resources_reach_each_stage_config_and_bad_ones_name_their_key():
+    from fourdthinker.grpo_config import GrpoConfig
+    from fourdthinker.preprocess.config import PreprocessConfig
+
+    base = ["model_dir=m", "train_jsonl=t"]
+    assert load_config(DiftConfig, None, base + ['worker_resources={"accelerator_type:H200": 0.001}']
+                       ).worker_resources == {"accelerator_type:H200": 0.001}
+    grpo = load_config(GrpoConfig, None, base + ["learner_resources={a: 1}", "rollout_resources={b: 2}"])
+    assert (grpo.learner_resources, grpo.rollout_resources) == ({"a": 1}, {"b": 2})
+    prep = load_config(PreprocessConfig, None, ["input_root=r", "segmenter.resources={fake_gpu: 1}"])
+    assert prep.segmenter.resources == {"fake_gpu": 1}
+    with pytest.raises(ConfigError, match=r"worker_resources\.GPU: CPUs, GPUs and memory have their own keys"):
+        load_config(DiftConfig, None, base + ["worker_resources={GPU: 1}"])
+    with pytest.raises(ConfigError, match=r"segmenter\.resources\.fake_gpu: expected an amount >= 0, got -1"):
+        load_config(PreprocessConfig, None, ["input_root=r", "segmenter.resources={fake_gpu: -1}"])
+    with pytest.raises(ConfigError, match=r"rollout_resources\.x: expected an amount >= 0, got 'many'"):
+        load_config(GrpoConfig, None, base + ["rollout_resources={x: many}"])

@@ -75,7 +75,7 @@ def segmented_clips(cfg: PreprocessConfig, rows: list[dict]):
                           compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_llm_pool_size(cfg)))
     return clips.map_batches(SegmentClips, fn_constructor_kwargs={"cfg": cfg}, batch_size=seg.batch_size,
                              batch_format="pandas", num_gpus=seg.num_gpus_per_actor,
-                             num_cpus=seg.num_cpus_per_actor,
+                             num_cpus=seg.num_cpus_per_actor, resources=dict(seg.resources),
                              compute=ray.data.ActorPoolStrategy(min_size=seg.min_actors, max_size=seg.max_actors))
 
 

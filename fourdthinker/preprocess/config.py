@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fourdthinker.config import ConfigError
+from fourdthinker.config import ConfigError, check_named_resources
 from fourdthinker.data.video import MAX_FRAMES, MAX_PIXELS, VIDEO_FPS
 
 SegmenterBackend = Literal["sam3", "transformers", "ground_truth"]
@@ -39,6 +39,9 @@ class SegmenterConfig:
     device: str = ""  # "" = cuda for sam3, cpu for transformers
     num_gpus_per_actor: float = 1.0
     num_cpus_per_actor: float = 1.0
+    # Named Ray resources each actor also asks for, e.g. {"accelerator_type:L40S": 0.001} to run on
+    # one cluster worker type (cluster.yaml declares the names its node types offer).
+    resources: dict[str, float] = field(default_factory=dict)
     min_actors: int = 1
     max_actors: int = 4
     batch_size: int = 1  # clips per segmenter call
@@ -127,6 +130,7 @@ class PreprocessConfig:
             raise ConfigError(f"segmenter.batch_size: must be >= 1, got {seg.batch_size}")
         if seg.num_gpus_per_actor < 0 or seg.num_cpus_per_actor < 0:
             raise ConfigError("segmenter.num_gpus_per_actor/num_cpus_per_actor: must be >= 0")
+        check_named_resources("segmenter.resources", seg.resources)
         if seg.backend == "sam3" and seg.num_gpus_per_actor <= 0:
             raise ConfigError("segmenter.backend=sam3 runs on GPU only: set num_gpus_per_actor > 0 "
                               "or use backend=transformers on CPU")
