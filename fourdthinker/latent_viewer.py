@@ -93,11 +93,14 @@ _COLOURS = ["#ff3b30", "#ffcc00", "#34c759", "#0a84ff", "#bf5af2", "#ff9f0a", "#
 
 
 def contact_sheet(frames: Sequence[Image.Image], summaries: list[dict], cell: int = 28,
-                  label_height: int = 18) -> Image.Image:
+                  label_height: int = 18, scale: int = 1) -> Image.Image:
     """One panel (a row) per latent block: a label, then each frame that holds one of its nearest
-    patches, those patches outlined (colour by rank) with their rank and cosine."""
+    patches (enlarged `scale` times), those patches outlined and numbered by rank (colour by rank)."""
     if not summaries:
         raise ValueError("no latent blocks to show: the reply has none")
+    if scale > 1:
+        frames = [f.resize((f.width * scale, f.height * scale), Image.Resampling.NEAREST) for f in frames]
+        cell *= scale
     width, height = frames[0].size
     columns = max(1, max(len({m["frame"] for m in s["nearest"]}) for s in summaries))
     sheet = Image.new("RGB", (columns * (width + 4) + 4, len(summaries) * (height + label_height + 4) + 4), "white")
@@ -122,8 +125,10 @@ def contact_sheet(frames: Sequence[Image.Image], summaries: list[dict], cell: in
     return sheet
 
 
-def write_contact_sheet(path: str | Path, frames: Sequence[Image.Image], summaries: list[dict]) -> Path:
+def write_contact_sheet(path: str | Path, frames: Sequence[Image.Image], summaries: list[dict],
+                        min_height: int = 224) -> Path:
+    """The contact sheet as a PNG; small frames are enlarged to at least `min_height` pixels."""
     from fourdthinker.atomic import atomic_write
 
-    sheet = contact_sheet(frames, summaries)
+    sheet = contact_sheet(frames, summaries, scale=max(1, -(-min_height // frames[0].height)))
     return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

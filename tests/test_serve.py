@@ -189,18 +189,15 @@ def test_concurrent_requests_are_batched(server, media_root):
     kw = dict(model=_model(server), messages=_video_message("clip.mp4"), max_tokens=16, temperature=0.0,
               extra_body={"ignore_eos": True})
 
-    async def sequential():
-        return [await aclient.chat.completions.create(**kw) for _ in range(32)]
+    async def both():
+        start = time.perf_counter()
+        together = await asyncio.gather(*[aclient.chat.completions.create(**kw) for _ in range(32)])
+        concurrent_s = time.perf_counter() - start
+        start = time.perf_counter()
+        one_by_one = [await aclient.chat.completions.create(**kw) for _ in range(32)]
+        return together, concurrent_s, one_by_one, time.perf_counter() - start
 
-    async def concurrent():
-        return await asyncio.gather(*[aclient.chat.completions.create(**kw) for _ in range(32)])
-
-    start = time.perf_counter()
-    together = asyncio.run(concurrent())
-    concurrent_s = time.perf_counter() - start
-    start = time.perf_counter()
-    one_by_one = asyncio.run(sequential())
-    sequential_s = time.perf_counter() - start
+    together, concurrent_s, one_by_one, sequential_s = asyncio.run(both())
     assert len(together) == 32 and all(r.usage.completion_tokens == 16 for r in together)
     assert {r.choices[0].message.content for r in together} == {one_by_one[0].choices[0].message.content}
     assert concurrent_s < sequential_s, (concurrent_s, sequential_s)
@@ -256,3 +253,18 @@ def test_bad_requests_get_a_named_4xx_and_the_server_keeps_serving(server):
         assert good.status_code == 200, (name, good.text)
         assert good.json()["usage"]["completion_tokens"] >= 1
     assert httpx.get(f"{server[0]}/v1/nope").json()["error"]["code"] == "not_found"
+
+
+def test_infer_with_url_asks_the_running_server(server, media_root, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from fourdthinker.cli import main
+
+    monkeypatch.setenv("FOURDTHINKER_API_TOKEN", TOKEN)
+    png = tmp_path / "sheet.png"
+    assert main(["infer", "--url", server[0], "--video", str(media_root / "clip.mp4"), "--question", QUESTION,
+                 "--options", "left", "right", "--max-tokens", str(MAX_NEW), "--force-latent-steps", *map(str, FORCE),
+                 "--show-latents", str(png), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "⟨latent 2⟩" in out["reply"] and [b["block"] for b in out["latents"]] == [1, 2]
+    assert Image.open(png).size[1] > 2 * 224  # two panels of enlarged frames

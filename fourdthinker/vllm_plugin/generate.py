@@ -1,6 +1,8 @@
 """Latent-aware generation with a vLLM engine: prompts with video in, tokens + latents out.
 
-`LatentGenerator` is the library half of the rollout actor and the serving replica: it builds the
+`LatentGenerator` (vLLM's synchronous `LLM`) is the library half of the rollout actor, evaluation and
+`fourdthinker infer`; `async_generate.AsyncLatentGenerator` (vLLM's `AsyncLLM`) is the serving
+replica's. Both are a `LatentPrompter`, the one implementation of what they share: it builds the
 chat prompt with the one video policy, submits one vLLM request per sample (so each sample's latent
 vectors can be fetched by key, and the shared prompt stays in the prefix cache), and returns per
 sample the token ids, text, log-probs of the sampled tokens, the latent vectors fed at each
