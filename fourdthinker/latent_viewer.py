@@ -93,7 +93,7 @@ _COLOURS = ["#ff3b30", "#ffcc00", "#34c759", "#0a84ff", "#bf5af2", "#ff9f0a", "#
 
 
 def contact_sheet(frames: Sequence[Image.Image], summaries: list[dict], cell: int = 28,
-                  label_height: int = 18, scale: int = 1) -> Image.Image:
+                  label_height: int = 30, scale: int = 1) -> Image.Image:
     """One panel (a row) per latent block: a label, then each frame that holds one of its nearest
     patches (enlarged `scale` times), those patches outlined and numbered by rank (colour by rank)."""
     if not summaries:
@@ -114,15 +114,22 @@ def contact_sheet(frames: Sequence[Image.Image], summaries: list[dict], cell: in
         for c, frame in enumerate(shown):
             left = 4 + c * (width + 4)
             sheet.paste(frames[frame].convert("RGB"), (left, top + label_height))
-            draw.text((left + 2, top + label_height + 2), f"f{frame}", fill="white")
+            draw.text((left, top + label_height - 13), f"frame {frame}", fill="black")
             for rank, m in enumerate(summary["nearest"]):
                 if m["frame"] != frame:
                     continue
                 x, y = left + m["col"] * cell, top + label_height + m["row"] * cell
                 colour = _COLOURS[rank % len(_COLOURS)]
                 draw.rectangle([x, y, x + cell - 1, y + cell - 1], outline=colour, width=2)
-                draw.text((x + 3, y + 3), str(rank + 1), fill=colour)
+                _label(draw, (x + 3, y + 3), f"{rank + 1}: {m['cosine']:.2f}", colour)
     return sheet
+
+
+def _label(draw: ImageDraw.ImageDraw, at: tuple[int, int], text: str, colour: str) -> None:
+    """Text on a black box: legible on any frame."""
+    box = draw.textbbox(at, text)
+    draw.rectangle([box[0] - 1, box[1] - 1, box[2] + 1, box[3] + 1], fill="black")
+    draw.text(at, text, fill=colour)
 
 
 def write_contact_sheet(path: str | Path, frames: Sequence[Image.Image], summaries: list[dict],

@@ -100,6 +100,16 @@ class LatentChatServer:
         self.model = self.cfg.served_name
         self.started = time.time()
 
+    async def check_health(self) -> None:
+        """Ray Serve's periodic replica health check: an engine whose core died fails it (and the
+        replica is replaced)."""
+        await self.generator.engine.check_health()
+
+    def __del__(self):
+        generator = getattr(self, "generator", None)
+        if generator is not None:
+            generator.shutdown()
+
     def _authorize(self, request: Request) -> None:
         if self.token is None:
             return

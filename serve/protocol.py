@@ -82,6 +82,13 @@ def _number(body: dict, name: str, kind: type, default, low=None, high=None, low
     return kind(value)
 
 
+def _flag(body: dict, name: str, param: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise bad(f"{param} must be true or false, got {value!r}", param)
+    return value
+
+
 def _url_of(part: dict, key: str, param: str) -> str:
     value = part.get(key)
     url = value.get("url") if isinstance(value, dict) else value
@@ -148,9 +155,7 @@ def parse_chat_request(body: dict, served_model: str, max_n: int) -> ChatRequest
                   "messages[0].content")
     if not text.strip():
         raise bad("messages[0] has no text: ask a question", "messages[0].content")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise bad(f"stream must be true or false, got {stream!r}", "stream")
+    stream = _flag(body, "stream", "stream")
     ext = body.get("fourdthinker") or {}
     if not isinstance(ext, dict):
         raise bad("fourdthinker must be an object", "fourdthinker")
@@ -170,9 +175,9 @@ def parse_chat_request(body: dict, served_model: str, max_n: int) -> ChatRequest
         temperature=_number(body, "temperature", float, 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", float, 1.0, 0.0, 1.0, low_open=True),
         seed=_number(body, "seed", int, None),
-        ignore_eos=bool(body.get("ignore_eos", False)),
-        return_latents=bool(ext.get("return_latents", False)),
-        return_token_ids=bool(ext.get("return_token_ids", False)),
+        ignore_eos=_flag(body, "ignore_eos", "ignore_eos"),
+        return_latents=_flag(ext, "return_latents", "fourdthinker.return_latents"),
+        return_token_ids=_flag(ext, "return_token_ids", "fourdthinker.return_token_ids"),
         force_latent_steps=list(steps))
 
 

@@ -163,6 +163,22 @@ def test_streaming_gives_the_same_text_as_the_plain_reply(server, client, media_
     assert finish == "length" and "⟨latent 2⟩" in plain.choices[0].message.content
 
 
+def test_the_stream_is_sse_chunks_then_the_extension_then_done(server):
+    body = {"model": _model(server), "messages": _video_message("clip.mp4"), "stream": True, "max_tokens": MAX_NEW,
+            "temperature": 0.0, "ignore_eos": True,
+            "fourdthinker": {"force_latent_steps": FORCE, "return_latents": True}}
+    with httpx.stream("POST", f"{server[0]}/v1/chat/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {TOKEN}"}) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert [b["block"] for b in chunks[-1]["fourdthinker"]["choices"][0]["latents"]] == [1, 2]
+
+
 def test_frames_as_images_n_and_seed(server, client, media_root):
     from PIL import Image
 
