@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import write_result  # benchmarks/report.py (scripts run from benchmarks/)
-
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Which way does the camera pan?"
 
@@ -89,17 +87,24 @@ def run_http(args, media: Path) -> dict[int, dict]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build(cfg), name="bench", route_prefix="/")
-        client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
         messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": media.name}},
                                                  {"type": "text", "text": QUESTION}]}]
 
-        async def call():
-            reply = await client.chat.completions.create(
-                model=cfg.served_name, messages=messages, max_tokens=args.new_tokens, temperature=0.0,
-                extra_body={"ignore_eos": True})
-            assert reply.usage.completion_tokens == args.new_tokens
+        async def main():
+            client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
 
-        return asyncio.run(_measure(call, args))
+            async def call():
+                reply = await client.chat.completions.create(
+                    model=cfg.served_name, messages=messages, max_tokens=args.new_tokens, temperature=0.0,
+                    extra_body={"ignore_eos": True})
+                assert reply.usage.completion_tokens == args.new_tokens
+
+            try:
+                return await _measure(call, args)
+            finally:
+                await client.close()
+
+        return asyncio.run(main())
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -134,6 +139,8 @@ def run_inprocess(args, media: Path) -> dict[int, dict]:
 
 
 def main() -> int:
+    from report import write_result  # benchmarks/report.py (the script's own directory)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint dir (default: a tiny random model built here)")
     parser.add_argument("--config", default=str(ROOT / "configs/tiny/serve.yaml"))
@@ -144,7 +151,11 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out", help="JSON path (default benchmarks/results/serve-<device>.json)")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
+    # This file is benchmarks/serve.py: with benchmarks/ on the path or as the working directory (Ray
+    # hands both to its workers) `import serve` would find this script instead of the serve/ package.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != here]
+    os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             from fourdthinker.tiny_model import build_tiny_model
