@@ -179,6 +179,16 @@ def test_the_stream_is_sse_chunks_then_the_extension_then_done(server):
     assert [b["block"] for b in chunks[-1]["fourdthinker"]["choices"][0]["latents"]] == [1, 2]
 
 
+def test_streaming_n_samples_interleaves_choices_that_equal_the_plain_ones(server, client):
+    kw = dict(model=_model(server), messages=_video_message("clip.mp4"), max_tokens=10, temperature=1.0, seed=11, n=2)
+    plain = client.chat.completions.create(**kw)
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    for part in client.chat.completions.create(stream=True, **kw):
+        for choice in part.choices:
+            pieces[choice.index].append(choice.delta.content or "")
+    assert ["".join(pieces[j]) for j in (0, 1)] == [c.message.content for c in plain.choices]
+
+
 def test_frames_as_images_n_and_seed(server, client, media_root):
     from PIL import Image
 
