@@ -48,6 +48,27 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _cmd_infer(args) -> int:
+    import json
+    import os
+
+    if args.json:  # vLLM logs to stdout unless told not to configure logging
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    from fourdthinker.infer import format_result, infer_local, infer_remote
+
+    common = dict(video=args.video, question=args.question, options=args.options, max_tokens=args.max_tokens,
+                  show_latents=args.show_latents, force_latent_steps=args.force_latent_steps)
+    if args.url:
+        result = infer_remote(args.url, model=args.served_model,
+                              api_key=os.environ.get(args.api_key_env) if args.api_key_env else None, **common)
+    else:
+        if not args.model:
+            raise UsageError("--model DIR is required (or --url URL of a running server)")
+        result = infer_local(args.model, max_model_len=args.max_model_len, **common)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_result(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fourdthinker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=_positive("--fps"), default=5)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("infer", help="ask a checkpoint one question about one video (in-process or --url)")
+    p.add_argument("--model", help="checkpoint directory (in-process engine, latent decoding on)")
+    p.add_argument("--url", help="a running `serve` app instead, e.g. http://127.0.0.1:8000")
+    p.add_argument("--served-model", help="with --url: the model id (default: the server's first)")
+    p.add_argument("--api-key-env", default="FOURDTHINKER_API_TOKEN",
+                   help="with --url: env var holding the bearer token, if the server wants one")
+    p.add_argument("--video", required=True, help="a video file (sampled at 1 fps like training)")
+    p.add_argument("--question", required=True)
+    p.add_argument("--options", nargs="+", help="answer options (lettered A, B, ... unless they carry letters)")
+    p.add_argument("--max-tokens", type=_positive("--max-tokens"), default=512)
+    p.add_argument("--max-model-len", type=_positive("--max-model-len"), default=4096)
+    p.add_argument("--show-latents", metavar="PNG", help="write a contact sheet of each latent block's nearest patches")
+    p.add_argument("--force-latent-steps", type=int, nargs="+", default=[],
+                   help="probe: output steps at which a latent block is forced to start")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_infer)
     return parser
 
 

@@ -69,6 +69,18 @@ class LatentWorkerExtension(WeightReceiver):
         `decode_latents` turns it back into tensors."""
         return encode_latents(self._latent_state().pop(list(keys)))
 
+    def latent_video_features(self, wire: dict) -> dict:
+        """The model's merged vision features of one clip (`encode_video_inputs`'s wire form), as
+        `encode_tensor` of [tokens, hidden] float32: what the video's placeholders are replaced
+        with in the prompt, and the space DIFT pulls latent vectors towards (the latent viewer)."""
+        model = self.model_runner.get_model()
+        device = self.model_runner.device
+        pixels = decode_tensor(wire["pixel_values_videos"]).to(device=device, dtype=model.visual.dtype)
+        grid = torch.tensor(wire["video_grid_thw"], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            features = model.embed_multimodal(pixel_values_videos=pixels, video_grid_thw=grid)
+        return encode_tensor(torch.cat(list(features)).float())
+
 
 def encode_latents(popped: dict[str, tuple[list[int], torch.Tensor | None]]) -> dict:
     """`latent_pop`'s wire format of key -> (positions, [n, H] vectors or None)."""
@@ -91,3 +103,24 @@ def decode_latents(popped: dict) -> dict[str, tuple[list[int], torch.Tensor | No
         out[key] = (list(pos), flat[row: row + n] if n else None)
         row += n
     return out
+
+
+def encode_tensor(tensor: torch.Tensor) -> dict:
+    """A CPU copy of `tensor` as raw bytes + dtype + shape (vLLM's multi-process RPC would encode a
+    tensor as nested lists)."""
+    t = tensor.detach().to("cpu").contiguous()
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+            "data": t.view(torch.uint8).numpy().tobytes() if t.numel() else b""}
+
+
+def decode_tensor(wire: dict) -> torch.Tensor:
+    dtype = getattr(torch, wire["dtype"])
+    if not wire["data"]:
+        return torch.zeros(wire["shape"], dtype=dtype)
+    return torch.frombuffer(bytearray(wire["data"]), dtype=torch.uint8).view(dtype).view(wire["shape"])
+
+
+def encode_video_inputs(inputs: dict[str, torch.Tensor]) -> dict:
+    """`LatentPrompter.video_inputs` in the wire form `latent_video_features` reads."""
+    return {"pixel_values_videos": encode_tensor(inputs["pixel_values_videos"]),
+            "video_grid_thw": inputs["video_grid_thw"].tolist()}

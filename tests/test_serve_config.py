@@ -1,0 +1,43 @@
+"""The Serve stage's typed config and the Ray Serve options it becomes (no Ray started)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fourdthinker.config import ConfigError, load_config
+from fourdthinker.serve_config import ServeConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_3b_preset_is_one_replica_per_gpu_autoscaled_on_ongoing_requests(tmp_path):
+    from serve.app import deployment_options
+
+    cfg = load_config(ServeConfig, ROOT / "configs/3b/serve.yaml", [f"model_dir={tmp_path}", "max_replicas=4"])
+    options = deployment_options(cfg)
+    assert options["ray_actor_options"]["num_gpus"] == 1
+    assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1,
+                                             "target_ongoing_requests": cfg.target_ongoing_requests}
+    assert options["max_ongoing_requests"] == cfg.max_ongoing_requests
+    assert cfg.auth_token_env and cfg.served_name == tmp_path.name
+
+
+def test_the_tiny_preset_loads_and_the_builder_takes_serve_run_arguments(tmp_path):
+    from serve.app import app
+
+    application = app({"config": str(ROOT / "configs/tiny/serve.yaml"), "model_dir": str(tmp_path),
+                       "model_name": "tiny"})
+    assert type(application).__name__ == "Application"
+    with pytest.raises(ConfigError, match="model_dir"):
+        app({})
+
+
+@pytest.mark.parametrize("override, needle", [("min_replicas=3", "min_replicas"), ("max_body_bytes=0", "max_body_bytes"),
+                                              ("media_root=/no/such/dir", "media_root"),
+                                              ("target_ongoing_requests=0", "target_ongoing_requests"),
+                                              ("request_timeout_s=-1", "request_timeout_s")])
+def test_bad_values_name_the_key(tmp_path, override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(ServeConfig, None, [f"model_dir={tmp_path}", override])
