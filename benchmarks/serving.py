@@ -7,8 +7,8 @@ the median over repeats of requests/s and of the p50/p95 request latency. HTTP g
 directly, so the difference is what HTTP, Serve's proxy and routing, and JSON cost. The two run
 one after the other (each owns the machine while measured). Prints a table and writes JSON.
 
-    python benchmarks/serve.py                              # CPU, a tiny random model built here
-    python benchmarks/serve.py --model /ckpt --device H200 --new-tokens 128 --requests 128
+    python benchmarks/serving.py                             # CPU, a tiny random model built here
+    python benchmarks/serving.py--model /ckpt --device H200 --new-tokens 128 --requests 128
 """
 
 from __future__ import annotations
@@ -151,10 +151,9 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out", help="JSON path (default benchmarks/results/serve-<device>.json)")
     args = parser.parse_args()
-    # This file is benchmarks/serve.py: with benchmarks/ on the path or as the working directory (Ray
-    # hands both to its workers) `import serve` would find this script instead of the serve/ package.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != here]
+    # The Serve app (serve/ at the repository root) is imported by Ray's workers from their working
+    # directory, which they take from the driver's: run from the root, whoever started the script.
+    sys.path.insert(0, str(ROOT))
     os.chdir(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
