@@ -41,6 +41,17 @@ def parse_model(entry: str) -> ModelSpec:
     return ModelSpec(name, path)
 
 
+def argv_with_models(argv: list[str]) -> list[str]:
+    """`--model A --model B` (repeatable, anywhere) turned into the override `models=["A", "B"]`."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", action="append", default=[])
+    known, rest = parser.parse_known_args(argv)
+    return [*rest, f"models={json.dumps(known.model)}"] if known.model else rest
+
+
 @dataclasses.dataclass
 class EvaluateConfig:
     """DSR evaluation of one or more checkpoints. Defaults follow the reference evaluation except

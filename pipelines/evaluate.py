@@ -13,13 +13,11 @@ JSONL and skip reasons; for all models a Markdown table and a bar chart per sub-
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 from fourdthinker.actors.evaluator import decoded_videos, run_model
 from fourdthinker.cluster import run_stage
-from fourdthinker.eval_config import EvaluateConfig
+from fourdthinker.eval_config import EvaluateConfig, argv_with_models
 from fourdthinker.eval_report import write_comparison
 from fourdthinker.evaluation import (
     Benchmark,
@@ -77,13 +75,10 @@ def run(cfg: EvaluateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # `--model A --model B` is the same as the override models=[A, B]
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", action="append", default=[])
-    known, rest = pre.parse_known_args(argv)
-    if known.model:
-        rest.append(f"models={json.dumps(known.model)}")
-    return run_stage("evaluate", EvaluateConfig, __doc__, rest, lambda cfg: run(cfg) and 0)
+    import sys
+
+    argv = argv_with_models(sys.argv[1:] if argv is None else argv)  # --model A --model B: models=[A, B]
+    return run_stage("evaluate", EvaluateConfig, __doc__, argv, lambda cfg: run(cfg) and 0)
 
 
 if __name__ == "__main__":
