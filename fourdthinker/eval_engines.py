@@ -56,7 +56,10 @@ def render_reply(token_ids: Sequence[int], tokenizer, ids: LatentIds) -> tuple[s
     token limit runs to the end.
     """
     tokens = np.asarray(list(token_ids), dtype=np.int64)
-    decode = lambda part: tokenizer.decode(part.tolist(), skip_special_tokens=False)  # noqa: E731
+
+    def decode(part: np.ndarray) -> str:
+        return tokenizer.decode(part.tolist(), skip_special_tokens=False)
+
     starts = np.flatnonzero(tokens == ids.start)
     ends = np.flatnonzero(tokens == ids.end)
     pieces, cursor, block = [], 0, 0

@@ -113,7 +113,8 @@ def model_dir(output_dir: str | Path, model: ModelSpec) -> Path:
 
 
 def shard_record(row: Mapping[str, Any], answer, model: ModelSpec, engine: str) -> dict[str, Any]:
-    return {"key": row["key"], "index": int(row["index"]), "video_id": row["video_id"], "model_path": model.path, "engine": engine,
+    return {"key": row["key"], "index": int(row["index"]), "video_id": row["video_id"],
+            "model_path": model.path, "engine": engine,
             "text": answer.text, "raw": answer.marked, "pred": extract_choice(answer.text),
             "error": answer.error, "num_tokens": answer.num_tokens,
             "num_latent_blocks": answer.num_latent_blocks, "decode_id": row["decode_id"]}

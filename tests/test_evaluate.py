@@ -218,7 +218,8 @@ def test_a_killed_run_resumes_without_generating_finished_questions_again(ray_lo
     assert info["models"]["a"]["answered_this_run"] == total - before
     assert sum(len(_lines(p)) for p in shards.glob("*.jsonl")) == total  # nothing generated twice
     assert info["summaries"]["a"] == clean["summaries"]["a"]
-    assert (out / "a" / "dsr_eval.jsonl").read_text() == (Path(clean_cfg.output_dir) / "a" / "dsr_eval.jsonl").read_text()
+    clean_lines = (Path(clean_cfg.output_dir) / "a" / "dsr_eval.jsonl").read_text()
+    assert (out / "a" / "dsr_eval.jsonl").read_text() == clean_lines
 
 
 def test_model_names_come_from_the_dir_or_name_equals_path():
