@@ -8,7 +8,7 @@ directly, so the difference is what HTTP, Serve's proxy and routing, and JSON co
 one after the other (each owns the machine while measured). Prints a table and writes JSON.
 
     python benchmarks/serving.py                             # CPU, a tiny random model built here
-    python benchmarks/serving.py--model /ckpt --device H200 --new-tokens 128 --requests 128
+    python benchmarks/serving.py --model /ckpt --device H200 --new-tokens 128 --requests 128
 """
 
 from __future__ import annotations

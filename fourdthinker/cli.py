@@ -69,6 +69,15 @@ def _cmd_infer(args) -> int:
     return 0
 
 
+def _cmd_eval_report(args) -> int:
+    from fourdthinker.eval_report import rebuild_report
+
+    table, table_path, chart_path = rebuild_report(args.run_dirs, args.out, not args.no_published)
+    print(table)
+    print(f"written: {table_path}, {chart_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fourdthinker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="probe: output steps at which a latent block is forced to start")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_infer)
+
+    p = sub.add_parser("eval-report", help="rebuild the DSR comparison table and chart from evaluation runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="output_dir of pipelines/evaluate.py (or one model's directory in it)")
+    p.add_argument("--out", help="where comparison.md/.png go (default: the first RUN_DIR)")
+    p.add_argument("--no-published", action="store_true", help="leave out the published DIFT/4DRL rows")
+    p.set_defaults(func=_cmd_eval_report)
     return parser
 
 

@@ -145,6 +145,28 @@ def read_benchmark(path: str | Path) -> list[DsrItem]:
     return [_item_from_row(i, row, path) for i, row in enumerate(_load_rows(path))]
 
 
+def read_benchmark_rows(path: str | Path) -> list[tuple[DsrItem, str]]:
+    """Every row of a benchmark file as (question, "") or, for a row that cannot be read (no video
+    id, options that are not a list, ...), (a placeholder question without options, the reason).
+
+    An evaluation skips unreadable rows with their reason and scores the rest; `read_benchmark`
+    is the strict reader for callers that want the first bad row to stop them.
+    """
+    path = Path(path)
+    out: list[tuple[DsrItem, str]] = []
+    for index, row in enumerate(_load_rows(path)):
+        try:
+            out.append((_item_from_row(index, row, path), ""))
+        except UsageError as err:
+            video_id = _first_present(row, "videoID", "video")
+            answer = "" if row.get("answer") is None else str(row["answer"]).strip().upper()[:1]
+            placeholder = DsrItem(index=index, video_id="" if video_id is None else str(video_id),
+                                  question=str(row.get("question") or ""), options=(), answer=answer,
+                                  subtask_type=str(row.get("type") or "").strip().lower())
+            out.append((placeholder, f"bad row: {err}"))
+    return out
+
+
 # --------------------------------------------------------------------------------- prompts, videos
 
 def item_prompt(item: DsrItem) -> str:
@@ -172,7 +194,8 @@ def partition_available(items: Iterable[DsrItem], video_root: str | Path
 class DsrRecord:
     """The outcome of one question: the model's raw output and the letter read from it, or a skip.
 
-    `raw` is the assistant reply (or the error text when inference failed, which scores as wrong).
+    `raw` is the assistant reply (or the error text when inference failed, which scores as wrong);
+    `error` says why inference failed, `skip_reason` why the question was skipped.
     """
 
     item: DsrItem
@@ -180,14 +203,16 @@ class DsrRecord:
     raw: str = ""
     pred: str = ""
     skipped: bool = False
+    error: str | None = None
+    skip_reason: str = ""
 
     @classmethod
     def from_output(cls, item: DsrItem, video_path: str | Path, raw: str) -> "DsrRecord":
         return cls(item=item, video_path=str(video_path), raw=raw, pred=extract_choice(raw))
 
     @classmethod
-    def skip(cls, item: DsrItem, video_path: str | Path) -> "DsrRecord":
-        return cls(item=item, video_path=str(video_path), skipped=True)
+    def skip(cls, item: DsrItem, video_path: str | Path, reason: str = "") -> "DsrRecord":
+        return cls(item=item, video_path=str(video_path), skipped=True, skip_reason=reason)
 
     @property
     def hit(self) -> bool:
@@ -237,9 +262,10 @@ def score(records: Iterable[DsrRecord]) -> dict[str, Any]:
 
 def write_results(records: Sequence[DsrRecord], summary: Mapping[str, Any], out_dir: str | Path,
                   stem: str) -> tuple[Path, Path]:
-    """Write `<stem>.jsonl` (one line per evaluated question) and `<stem>_summary.json`.
-
-    Skipped questions have no output, so they appear only in the summary's `skipped` count.
+    """Write `<stem>.jsonl` (one line per evaluated question: the reference's keys plus `options`
+    and `error`), `<stem>_summary.json` and, when questions were skipped, `<stem>_skipped.jsonl`
+    (index, video id, video path, reason): skipped questions have no output line, so their reasons
+    would otherwise be lost behind the summary's `skipped` count.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -249,19 +275,29 @@ def write_results(records: Sequence[DsrRecord], summary: Mapping[str, Any], out_
             "video_id": r.item.video_id,
             "video_path": r.video_path,
             "question": item_prompt(r.item),
+            "options": list(r.item.options),
             "gt": r.item.answer,
             "pred": r.pred,
             "answer": r.pred,
             "raw": r.raw,
             "hit": int(r.hit),
             "subtask_type": r.item.subtask_type,
+            "error": r.error,
         }, ensure_ascii=False)
         for r in records if not r.skipped
     ]
+    skipped = [json.dumps({"index": r.item.index, "video_id": r.item.video_id, "video_path": r.video_path,
+                           "reason": r.skip_reason}, ensure_ascii=False)
+               for r in records if r.skipped]
     samples_path = out_dir / f"{stem}.jsonl"
     summary_path = out_dir / f"{stem}_summary.json"
     # a crashed run must not leave a truncated results file that looks complete
     atomic_write(samples_path, "".join(line + "\n" for line in lines))
+    skipped_path = out_dir / f"{stem}_skipped.jsonl"
+    if skipped:
+        atomic_write(skipped_path, "".join(line + "\n" for line in skipped))
+    else:
+        skipped_path.unlink(missing_ok=True)  # left by an earlier run of the same stem
     atomic_write_json(summary_path, summary)
     return samples_path, summary_path
 
@@ -291,9 +327,16 @@ def _percent(value: float | None) -> str:
 def comparison_table(summary: Mapping[str, Any], name: str = "ours",
                      published: Mapping[str, Mapping[str, Any]] = PUBLISHED) -> str:
     """A Markdown table of accuracies in percent: `summary` next to the published runs."""
+    return models_table({name: summary}, published)
+
+
+def models_table(summaries: Mapping[str, Mapping[str, Any]],
+                 published: Mapping[str, Mapping[str, Any]] = PUBLISHED) -> str:
+    """A Markdown table of accuracies in percent, one row per model (the published runs first), in
+    the paper's column order."""
     header = ["model", "n", "Overall", *COLUMNS_ORDER]
     rows = [header, ["---"] * len(header)]
-    for label, s in [*published.items(), (name, summary)]:
+    for label, s in [*published.items(), *summaries.items()]:
         subtasks = [_percent(s["subtask_accuracy"][c]) for c in SUBTASKS.values()]
         rows.append([label, str(s["eval_count"]), _percent(s["accuracy"]), *subtasks,
                      _percent(s["subtask_macro_avg"])])

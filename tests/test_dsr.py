@@ -220,17 +220,19 @@ def test_write_results_round_trips(tmp_path):
     assert json.loads(summary_path.read_text()) == summary
     lines = [json.loads(line) for line in samples_path.read_text().splitlines()]
     assert len(lines) == 7  # skipped questions have no sample line
-    assert set(lines[1]) == {"index", "video_id", "video_path", "question", "gt", "pred", "answer", "raw",
-                             "hit", "subtask_type"}
+    assert set(lines[1]) == {"index", "video_id", "video_path", "question", "options", "gt", "pred", "answer",
+                             "raw", "hit", "subtask_type", "error"}
     assert lines[1] == {
         "index": 1, "video_id": "vid1", "video_path": "/v/vid1.mp4", "question": item_prompt(records[1].item),
-        "gt": "B", "pred": "B", "answer": "B", "raw": "<think>far</think><answer>B. farther</answer>",
-        "hit": 1, "subtask_type": "abs_dis",
+        "options": list(records[1].item.options), "gt": "B", "pred": "B", "answer": "B", "raw": "<think>far</think><answer>B. farther</answer>",
+        "hit": 1, "subtask_type": "abs_dis", "error": None,
     }
     assert [line["hit"] for line in lines] == [1, 1, 1, 0, 0, 0, 1]
     # Written via temp files renamed into place: nothing else is left behind.
-    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["dsr_eval_x.jsonl",
-                                                                       "dsr_eval_x_summary.json"]
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+        "dsr_eval_x.jsonl", "dsr_eval_x_skipped.jsonl", "dsr_eval_x_summary.json"]
+    skipped = [json.loads(line) for line in (tmp_path / "results" / "dsr_eval_x_skipped.jsonl").read_text().splitlines()]
+    assert [(s["index"], s["video_id"]) for s in skipped] == [(7, "vid7"), (8, "vid8")]
 
 
 def test_comparison_table_shows_ours_next_to_published_in_percent():
