@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fourdthinker.config import ConfigError
+from fourdthinker.config import ConfigError, check_named_resources
 from fourdthinker.data.video import MAX_FRAMES, MAX_PIXELS
 
 # What answers the questions. `vllm`: the project's engine (vLLM + latent decoding, the rollout
@@ -74,6 +74,9 @@ class EvaluateConfig:
     max_actors: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
+    # Named Ray resources each engine actor also asks for, e.g. {"accelerator_type:L40S": 0.001} to land
+    # on one cluster worker type (cluster.yaml declares the names its node types offer).
+    actor_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     decode_cpus: float = 1.0  # per video decode task
     engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # extra vLLM engine kwargs
     compare_published: bool = True  # the published DIFT / 4DRL rows in the table and chart
@@ -109,6 +112,7 @@ class EvaluateConfig:
             raise ConfigError(f"force_latent_steps: output step indices must be >= 0, got {self.force_latent_steps}")
         if self.limit < 0 or self.stand_in_delay_s < 0:
             raise ConfigError("limit and stand_in_delay_s: must be >= 0")
+        check_named_resources("actor_resources", self.actor_resources)
 
     def model_specs(self) -> list[ModelSpec]:
         return [parse_model(entry) for entry in self.models]

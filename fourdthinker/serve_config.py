@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from fourdthinker.config import ConfigError
+from fourdthinker.config import ConfigError, check_named_resources
 
 
 @dataclasses.dataclass
@@ -41,6 +41,9 @@ class ServeConfig:
     max_ongoing_requests: int = 64  # per replica; above max_num_seqs requests queue in the engine
     num_gpus: float = 0.0  # per replica (the 3B config: one replica per GPU)
     num_cpus: float = 1.0
+    # Named Ray resources each replica also asks for, e.g. {"accelerator_type:L40S": 0.001} to land on
+    # one cluster worker type (cluster.yaml declares the names its node types offer).
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
     # `python -m serve` only (`serve run`/`serve deploy` take these from their own options)
     host: str = "127.0.0.1"
     port: int = 8000
@@ -61,6 +64,7 @@ class ServeConfig:
             raise ConfigError(f"target_ongoing_requests: must be positive, got {self.target_ongoing_requests}")
         if self.num_gpus < 0 or self.num_cpus < 0:
             raise ConfigError("num_gpus/num_cpus: must be >= 0")
+        check_named_resources("resources", self.resources)
         if self.media_root and not Path(self.media_root).is_dir():
             raise ConfigError(f"media_root: {self.media_root} is not a directory")
 

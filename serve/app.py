@@ -247,7 +247,7 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
                                "initial_replicas": max(cfg.min_replicas, 1),
                                "target_ongoing_requests": cfg.target_ongoing_requests},
         "max_ongoing_requests": cfg.max_ongoing_requests,
-        "ray_actor_options": {"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus},
+        "ray_actor_options": {"num_gpus": cfg.num_gpus, "num_cpus": cfg.num_cpus, "resources": dict(cfg.resources)},
         # An engine start takes minutes on a cold GPU node (compile, CUDA graphs).
         "health_check_timeout_s": 120.0,
         "graceful_shutdown_timeout_s": cfg.request_timeout_s,

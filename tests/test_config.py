@@ -59,3 +59,18 @@ def test_named_resources_reach_each_stage_config_and_bad_ones_name_their_key():
         load_config(PreprocessConfig, None, ["input_root=r", "segmenter.resources={fake_gpu: -1}"])
     with pytest.raises(ConfigError, match=r"rollout_resources\.x: expected an amount >= 0, got 'many'"):
         load_config(GrpoConfig, None, base + ["rollout_resources={x: many}"])
+
+
+def test_named_resources_of_the_inference_stages_and_bad_ones_name_their_key():
+    from fourdthinker.eval_config import EvaluateConfig
+    from fourdthinker.serve_config import ServeConfig
+
+    evaluate = ["benchmark=b.parquet", "models=[/m/a]"]
+    assert load_config(EvaluateConfig, None, evaluate + ['actor_resources={"accelerator_type:L40S": 0.001}']
+                       ).actor_resources == {"accelerator_type:L40S": 0.001}
+    assert load_config(EvaluateConfig, None, evaluate).actor_resources == {}  # none unless asked
+    assert load_config(ServeConfig, None, ["model_dir=m", "resources={fake_gpu: 1}"]).resources == {"fake_gpu": 1}
+    with pytest.raises(ConfigError, match=r"actor_resources\.CPU: CPUs, GPUs and memory have their own keys"):
+        load_config(EvaluateConfig, None, evaluate + ["actor_resources={CPU: 4}"])
+    with pytest.raises(ConfigError, match=r"^resources\.fake_gpu: expected an amount >= 0, got -1"):
+        load_config(ServeConfig, None, ["model_dir=m", "resources={fake_gpu: -1}"])

@@ -36,7 +36,41 @@ def test_repeated_model_flags_become_the_models_list():
     (['models=["/x/a", "/y/a"]'], "repeat"),
     (["models=[/m/a]", "max_actors=0"], "max_actors"),
     (["models=[/m/a]", "force_latent_steps=[-1]"], "force_latent_steps"),
+    (["models=[/m/a]", "actor_resources={GPU: 1}"], r"actor_resources\.GPU"),
 ])
 def test_bad_values_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key):
         load_config(EvaluateConfig, None, ["benchmark=b.parquet", *overrides])
+
+
+class _RecordingDataset:
+    """Stands for the decoded videos' Dataset: records the plan's calls instead of running them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def flat_map(self, fn, **kwargs):
+        self.calls.append(("flat_map", fn, kwargs))
+        return self
+
+    def map_batches(self, fn, **kwargs):
+        self.calls.append(("map_batches", fn, kwargs))
+        return self
+
+
+def test_the_answerer_pool_asks_for_the_configured_resources_per_actor():
+    """What each engine actor of a model's pool reserves: GPUs, CPUs and the named resources that
+    steer it to a worker type (the 3B preset: the L40S nodes), between min and max actors."""
+    from fourdthinker.actors.evaluator import AnswerQuestions, answered_questions
+
+    cfg = load_config(EvaluateConfig, REPO / "configs/3b/evaluate.yaml", ["models=[/m/a]", "max_actors=3"])
+    videos = _RecordingDataset()
+    answered_questions(cfg, cfg.model_specs()[0], videos, {"v": [{"key": "k"}]})
+    (_, fn, kwargs), = [call for call in videos.calls if call[0] == "map_batches"]
+    assert fn is AnswerQuestions and kwargs["fn_constructor_kwargs"] == {"cfg": cfg, "model": ModelSpec("a", "/m/a")}
+    assert (kwargs["num_gpus"], kwargs["num_cpus"], kwargs["resources"]) == (1, 4, {"accelerator_type:L40S": 0.001})
+    assert (kwargs["compute"].min_size, kwargs["compute"].max_size, kwargs["batch_size"]) == (1, 3, 64)
+    tiny = load_config(EvaluateConfig, REPO / "configs/tiny/evaluate.yaml", ["models=[/m/a]"])
+    videos = _RecordingDataset()
+    answered_questions(tiny, tiny.model_specs()[0], videos, {})
+    assert videos.calls[-1][2]["resources"] == {} and videos.calls[-1][2]["num_gpus"] == 0

@@ -37,7 +37,22 @@ def test_the_tiny_preset_loads_and_the_builder_takes_serve_run_arguments(tmp_pat
 @pytest.mark.parametrize("override, needle", [("min_replicas=3", "min_replicas"), ("max_body_bytes=0", "max_body_bytes"),
                                               ("media_root=/no/such/dir", "media_root"),
                                               ("target_ongoing_requests=0", "target_ongoing_requests"),
-                                              ("request_timeout_s=-1", "request_timeout_s")])
+                                              ("request_timeout_s=-1", "request_timeout_s"),
+                                              ("resources={GPU: 1}", r"resources\.GPU")])
 def test_bad_values_name_the_key(tmp_path, override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(ServeConfig, None, [f"model_dir={tmp_path}", override])
+
+
+def test_the_replicas_ask_for_the_named_resources_of_the_config(tmp_path):
+    """The 3B preset's replicas land on the L40S nodes (cluster.yaml's gpu_serve); the tiny preset
+    asks for none. Checked on the deployment Serve would start, not on the options dict alone."""
+    from serve.app import app
+
+    big = app({"config": str(ROOT / "configs/3b/serve.yaml"), "model_dir": str(tmp_path)})
+    assert big._bound_deployment.ray_actor_options == {"num_gpus": 1, "num_cpus": 4,
+                                                       "resources": {"accelerator_type:L40S": 0.001}}
+    tiny = app({"config": str(ROOT / "configs/tiny/serve.yaml"), "model_dir": str(tmp_path), "resources": "{a: 2}"})
+    assert tiny._bound_deployment.ray_actor_options["resources"] == {"a": 2}
+    assert app({"config": str(ROOT / "configs/tiny/serve.yaml"), "model_dir": str(tmp_path)}
+               )._bound_deployment.ray_actor_options["resources"] == {}

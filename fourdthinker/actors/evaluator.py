@@ -64,7 +64,7 @@ def answered_questions(cfg: EvaluateConfig, model: ModelSpec, videos,
 
     return videos.flat_map(samples_of_video, fn_kwargs={"samples_by_video": dict(samples_by_video)}).map_batches(
         AnswerQuestions, fn_constructor_kwargs={"cfg": cfg, "model": model}, batch_size=cfg.batch_size,
-        num_gpus=cfg.num_gpus_per_actor, num_cpus=cfg.num_cpus_per_actor,
+        num_gpus=cfg.num_gpus_per_actor, num_cpus=cfg.num_cpus_per_actor, resources=dict(cfg.actor_resources),
         compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors))
 
 
