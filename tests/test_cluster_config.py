@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from fourdthinker.config import ConfigError, DiftConfig, load_config
+from fourdthinker.eval_config import EvaluateConfig, argv_with_models
 from fourdthinker.grpo_config import GrpoConfig
 from fourdthinker.preprocess.config import PreprocessConfig
+from fourdthinker.serve_config import ServeConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -22,12 +24,16 @@ CONFIG_CLASSES = {
     "preprocess": PreprocessConfig,
     "dift": DiftConfig,
     "grpo": GrpoConfig,
+    "evaluate": EvaluateConfig,
+    "serve": ServeConfig,
 }
 # Keys a stage requires on the command line (the shipped files leave them to the run).
 COMMAND_LINE = {
     "preprocess": ["input_root=/mnt/cluster_storage/data/SpatialVID"],
     "dift": ["model_dir=/mnt/cluster_storage/models/base", "train_jsonl=/mnt/cluster_storage/data/dift.jsonl"],
     "grpo": ["model_dir=/mnt/cluster_storage/models/dift", "train_jsonl=/mnt/cluster_storage/data/rl.jsonl"],
+    "evaluate": ['models=["grpo=/mnt/cluster_storage/models/grpo"]'],
+    "serve": ["model_dir=/mnt/cluster_storage/models/grpo"],
 }
 
 
@@ -117,10 +123,36 @@ def _pipeline(stage: str):
     return module
 
 
+class _RecordingDataset:
+    """Stands for a Ray Dataset: records the plan's map calls instead of running them."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def flat_map(self, fn, **kwargs):
+        return self
+
+    def map_batches(self, fn, **kwargs):
+        self.calls.append(kwargs)
+        return self
+
+
+def evaluator_pool(cfg: EvaluateConfig) -> dict:
+    """The `map_batches` arguments of one model's engine pool, from the stage's own plan."""
+    from fourdthinker.actors.evaluator import answered_questions
+
+    videos = _RecordingDataset()
+    answered_questions(cfg, cfg.model_specs()[0], videos, {})
+    (pool,) = videos.calls
+    return pool
+
+
 def stage_requests(cfg) -> list[tuple[str, dict[str, float], int]]:
-    """(what, Ray resources of one actor/worker/bundle, how many) the stage asks for, as its pipeline
-    asks: preprocess_plan.py (decode tasks, segmenter pool; naming and annotate actors take 1 CPU),
-    dift.py (ScalingConfig), grpo.py (its placement-group bundles, from the pipeline itself)."""
+    """(what, Ray resources of one actor/worker/bundle/replica, how many) the stage asks for, as its
+    code asks: preprocess_plan.py (decode tasks, segmenter pool; naming and annotate actors take 1 CPU),
+    dift.py (ScalingConfig), grpo.py (its placement-group bundles, from the pipeline itself),
+    actors/evaluator.py (decode tasks, the engine pool's map_batches) and serve/app.py (the replicas'
+    ray_actor_options, up to max_replicas)."""
     def ask(cpus: float, gpus: float, named: dict[str, float]) -> dict[str, float]:
         return {"CPU": cpus, **({"GPU": gpus} if gpus > 0 else {}), **named}
 
@@ -132,6 +164,17 @@ def stage_requests(cfg) -> list[tuple[str, dict[str, float], int]]:
         return [("worker", ask(cfg.cpus_per_worker, 1 if cfg.use_gpu else 0, cfg.worker_resources), cfg.num_workers)]
     if isinstance(cfg, GrpoConfig):
         return [(name, bundles[0], len(bundles)) for name, bundles in _pipeline("grpo").placement_bundles(cfg).items()]
+    if isinstance(cfg, EvaluateConfig):
+        pool = evaluator_pool(cfg)
+        return [("decode", ask(cfg.decode_cpus, 0, {}), 1),
+                ("engine", ask(pool["num_cpus"], pool["num_gpus"], pool["resources"]), pool["compute"].max_size)]
+    if isinstance(cfg, ServeConfig):
+        from serve.app import deployment_options
+
+        options = deployment_options(cfg)
+        actor = options["ray_actor_options"]
+        return [("replica", ask(actor["num_cpus"], actor["num_gpus"], actor["resources"]),
+                 options["autoscaling_config"]["max_replicas"])]
     raise AssertionError(f"no resource requests known for {type(cfg).__name__}; add them to stage_requests")
 
 
@@ -174,6 +217,18 @@ def test_the_3b_gpu_stages_land_on_their_own_worker_types(cluster):
     assert types_for("configs/3b/preprocess.yaml")["segmenter"] == ["gpu_sam3"]
     assert types_for("configs/3b/dift.yaml") == {"worker": ["gpu_train"]}
     assert types_for("configs/3b/grpo.yaml") == {"rollout": ["gpu_train"], "learner": ["gpu_train"]}
+    assert types_for("configs/3b/evaluate.yaml")["engine"] == ["gpu_serve"]
+    assert types_for("configs/3b/serve.yaml") == {"replica": ["gpu_serve"]}
+
+
+def test_gpu_serve_holds_a_full_evaluation_and_full_serving_at_once(cluster):
+    """Both inference stages share the L40S type: at their max they fit it together, not just apart."""
+    serve_type = cluster["available_node_types"]["gpu_serve"]
+    (_, replica, replicas), = stage_requests(load_shipped(ROOT / "configs/3b/serve.yaml"))
+    _, (_, engine, engines) = stage_requests(load_shipped(ROOT / "configs/3b/evaluate.yaml"))
+    assert replicas * replica["GPU"] + engines * engine["GPU"] <= serve_type["resources"]["GPU"] * serve_type["max_workers"]
+    # and the cluster-wide cap does not cut the types' own maxima
+    assert cluster["max_workers"] >= sum(t.get("max_workers", 0) for t in cluster["available_node_types"].values())
 
 
 def test_cluster_accelerator_names_are_the_ones_ray_detects(cluster):
@@ -289,13 +344,14 @@ def test_rayjob_runs_the_dift_stage_of_the_image_on_the_raycluster(raycluster):
 
 
 # -- docs/cluster.md -----------------------------------------------------------------------------------
-PENDING_STAGES = {"evaluate", "serve"}  # documented ahead of their merge; the lead drops this set then
-PATH_KEYS = ("input_root", "output_dir", "model_dir", "train_jsonl", "segmenter.checkpoint", "segmenter.bpe_path")
+PATH_KEYS = ("input_root", "output_dir", "model_dir", "train_jsonl", "segmenter.checkpoint", "segmenter.bpe_path",
+             "benchmark", "video_root")
+SHARED = "/mnt/cluster_storage/"
 
 
 def _doc_commands() -> tuple[list[list[str]], dict[str, str]]:
     """The shell commands of docs/cluster.md's code blocks (continuations joined, `&&` split), and the
-    shell variables it assigns, expanded in the commands."""
+    shell variables it assigns, expanded in the commands (others, e.g. an exported token, stay as written)."""
     import re
     import shlex
 
@@ -311,7 +367,7 @@ def _doc_commands() -> tuple[list[list[str]], dict[str, str]]:
     for line in lines:
         for part in line.split("&&"):
             words = shlex.split(part, comments=True)
-            words = [re.sub(r"\$([A-Z_]+)", lambda m: variables[m[1]], w) for w in words]
+            words = [re.sub(r"\$([A-Z_]+)", lambda m: variables.get(m[1], m[0]), w) for w in words]
             if words:
                 commands.append(words)
     return commands, variables
@@ -335,7 +391,7 @@ def test_docs_ray_and_serve_commands_parse_with_the_installed_cli():
     parsed = [_click_parse({"ray": ray_cli, "serve": serve_cli}[w[0]], w[1:]) for w in commands
               if w[0] in ("ray", "serve")]
     names = {command.name for command, _ in parsed}
-    assert {"up", "submit", "dashboard", "rsync-up", "down", "deploy", "run"} <= names
+    assert {"up", "submit", "dashboard", "rsync-up", "down", "deploy", "run", "attach", "status", "shutdown"} <= names
 
 
 def test_docs_job_commands_run_existing_stages_with_absolute_paths():
@@ -353,14 +409,18 @@ def test_docs_job_commands_run_existing_stages_with_absolute_paths():
         stages.add(stage)
         assert (python, flag, pipeline, config) == ("python", "--config", f"pipelines/{stage}.py",
                                                     f"configs/3b/{stage}.yaml")
+        if stage == "evaluate":  # `--model name=path` (repeated), as pipelines/evaluate.py reads it
+            assert "--model" in overrides
+            overrides = argv_with_models(overrides)
         for override in overrides:
             key, value = override.split("=", 1)
             if key in PATH_KEYS:
-                assert value.startswith("/mnt/cluster_storage/"), override  # absolute, shared
-        if stage in PENDING_STAGES and not (ROOT / pipeline).exists():
-            continue
+                assert value.startswith(SHARED), override  # absolute, shared
         assert (ROOT / pipeline).is_file()
-        load_shipped(ROOT / config, tuple(overrides))
+        cfg = load_config(CONFIG_CLASSES[stage], ROOT / config, overrides)  # the command's own, nothing added
+        if isinstance(cfg, EvaluateConfig):
+            assert len(cfg.model_specs()) >= 2 and all(m.path.startswith(SHARED) for m in cfg.model_specs())
+            assert cfg.benchmark.startswith(SHARED) and str(cfg.videos).startswith(SHARED)
     assert {"preprocess", "dift", "grpo", "evaluate"} <= stages
     assert variables["S"].startswith("/mnt/cluster_storage/")
 
@@ -374,3 +434,64 @@ def test_grpo_bundles_carry_the_named_resources_of_what_they_hold():
     assert grpo.placement_bundles(apart) == {
         "rollout": [{"CPU": 8.0, "GPU": 1.0, "accelerator_type:H200": 0.001}] * 4,
         "learner": [{"CPU": 8.0, "GPU": 1.0, "accelerator_type:H200": 0.001}] * 4}
+
+
+def test_docs_serve_run_builds_the_3b_app_on_shared_storage():
+    """`serve run ... serve.app:app key=value ...` as serve/app.py's builder takes it: the preset and
+    overrides load, the model is on shared storage, the replicas ask for the serving worker type."""
+    from ray.serve.scripts import cli as serve_cli
+
+    commands, _ = _doc_commands()
+    runs = [_click_parse(serve_cli, w[1:])[1].params for w in commands if w[:2] == ["serve", "run"]]
+    assert runs
+    for params in runs:
+        assert params["config_or_import_path"] == "serve.app:app" and params["working_dir"] == "."
+        assert params["address"].startswith("ray://")
+        env = __import__("json").loads(params["runtime_env_json"])["env_vars"]
+        assert env["HF_HUB_OFFLINE"] == "1" and "FOURDTHINKER_API_TOKEN" in env
+        args = dict(a.split("=", 1) for a in params["arguments"])
+        cfg = load_config(ServeConfig, ROOT / args.pop("config"), [f"{k}={v}" for k, v in args.items()])
+        assert cfg.model_dir.startswith(SHARED) and cfg.auth_token_env in env
+        assert cfg.resources == {"accelerator_type:L40S": 0.001}
+    deploys = [w for w in commands if w[:2] == ["serve", "deploy"]]
+    assert deploys and all((ROOT / _click_parse(serve_cli, w[1:])[1].params["config_or_import_path"]).is_file()
+                           for w in deploys)
+
+
+# -- serve/config.yaml (`serve deploy`) ---------------------------------------------------------------
+def node_project_dir(cluster: dict) -> str:
+    """Where cluster.yaml's file_mounts put the project on every node (`~` is the ssh user's home)."""
+    (target,) = [t for t, source in cluster["file_mounts"].items() if source == "."]
+    return target.replace("~", f"/home/{cluster['auth']['ssh_user']}", 1)
+
+
+def test_serve_config_file_passes_rays_schema_and_fits_the_serving_worker_type(cluster):
+    """What `serve deploy` checks before anything runs (Ray's own schema: no local working_dir), and
+    what the app it names asks for: built from the nodes' copy of the project, as the builder would."""
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    ServeDeploySchema.model_validate(raw)
+    (application,) = raw["applications"]
+    project = node_project_dir(cluster)
+    assert application["import_path"] == "serve.app:app"
+    assert application["runtime_env"]["env_vars"]["PYTHONPATH"] == project  # `serve` importable on the nodes
+    args = dict(application["args"])
+    preset = args.pop("config")
+    assert preset.startswith(project + "/")  # read where the app is built, on a node
+    cfg = load_config(ServeConfig, ROOT / preset[len(project) + 1:], [f"{k}={v}" for k, v in args.items()])
+    assert cfg.model_dir.startswith(SHARED)
+    types = cluster["available_node_types"]
+    (_, replica, _), = stage_requests(cfg)
+    assert sorted(n for n, t in types.items() if fits(replica, t)) == ["gpu_serve"]
+    assert unmet_requests(cfg, types) == []
+
+
+def test_rays_serve_schema_refuses_a_local_working_dir():
+    """Why serve/config.yaml reaches the code through PYTHONPATH: the check above can fail."""
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    raw["applications"][0]["runtime_env"] = {"working_dir": "."}
+    with pytest.raises(ValueError, match="remote URIs"):
+        ServeDeploySchema.model_validate(raw)
