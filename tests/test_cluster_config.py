@@ -323,24 +323,89 @@ def test_each_3b_stage_fits_the_raycluster_groups(path, raycluster):
     assert unmet_requests(load_shipped(path), groups) == []
 
 
-def test_rayjob_runs_the_dift_stage_of_the_image_on_the_raycluster(raycluster):
+RAYJOBS = sorted((ROOT / "deploy").glob("rayjob-*.yaml"))
+
+
+def _images(cluster_spec: dict) -> set[str]:
+    return {c["image"] for g in [cluster_spec["headGroupSpec"]] + cluster_spec["workerGroupSpecs"]
+            for c in g["template"]["spec"]["containers"]}
+
+
+def test_the_rayjobs_cover_the_batch_stages():
+    assert {p.stem.removeprefix("rayjob-") for p in RAYJOBS} >= {"dift", "evaluate"}
+
+
+@pytest.mark.parametrize("path", RAYJOBS, ids=[p.name for p in RAYJOBS])
+def test_rayjob_runs_its_stage_of_the_image_on_the_raycluster(path, raycluster):
     import shlex
 
-    (job,) = _manifests("rayjob-dift.yaml")
-    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    (job,) = _manifests(path.name)
+    stage = path.stem.removeprefix("rayjob-")
+    assert (job["apiVersion"], job["kind"], job["metadata"]["name"]) == ("ray.io/v1", "RayJob", f"fourdthinker-{stage}")
     assert job["spec"]["clusterSelector"] == {"ray.io/cluster": raycluster["metadata"]["name"]}
     python, script, flag, config, *overrides = shlex.split(job["spec"]["entrypoint"])
     assert (python, flag) == ("python", "--config")
     assert script.startswith(IMAGE_ROOT) and config.startswith(IMAGE_ROOT)
-    assert (ROOT / script[len(IMAGE_ROOT):]) == ROOT / "pipelines" / "dift.py"
-    cfg = load_config(DiftConfig, ROOT / config[len(IMAGE_ROOT):], overrides)  # the job's own overrides
-    for path in (cfg.model_dir, cfg.train_jsonl, cfg.output_dir):
-        assert path.startswith("/mnt/cluster_storage/"), path  # shared by every pod, absolute
+    assert (ROOT / script[len(IMAGE_ROOT):]) == ROOT / "pipelines" / f"{stage}.py"
+    assert config == f"{IMAGE_ROOT}configs/3b/{stage}.yaml"
+    if stage == "evaluate":
+        overrides = argv_with_models(overrides)  # --model name=path, as the pipeline reads it
+    cfg = load_config(CONFIG_CLASSES[stage], ROOT / config[len(IMAGE_ROOT):], overrides)  # the job's own overrides
+    paths = [v for k, v in (o.split("=", 1) for o in overrides) if k in PATH_KEYS]
+    if isinstance(cfg, EvaluateConfig):
+        paths += [m.path for m in cfg.model_specs()]
+    assert paths and cfg.output_dir in paths
+    for value in paths:
+        assert value.startswith(SHARED), value  # shared by every pod, absolute
     assert f"WORKDIR {IMAGE_ROOT.rstrip('/')}" in (ROOT / "deploy" / "Dockerfile").read_text()
-    images = {c["image"] for g in [raycluster["spec"]["headGroupSpec"]] + raycluster["spec"]["workerGroupSpecs"]
-              for c in g["template"]["spec"]["containers"]}
+    images = _images(raycluster["spec"])
     assert {c["image"] for c in job["spec"]["submitterPodTemplate"]["spec"]["containers"]} == images
     assert len(images) == 1
+
+
+def test_rayservice_serves_the_image_app_on_the_serving_group(raycluster):
+    """deploy/rayservice.yaml: Ray's own Serve schema accepts its serve config; the app it names loads
+    from the image's preset with its args; its cluster's GPU group is raycluster.yaml's gpu-serve (the
+    L40S nodes) with room for every replica; the token the preset asks for reaches the worker pods."""
+    from ray.serve.schema import ServeDeploySchema
+
+    (service,) = _manifests("rayservice.yaml")
+    assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    (application,) = serve_config["applications"]
+    assert application["import_path"] == "serve.app:app"
+    assert application["runtime_env"]["env_vars"]["PYTHONPATH"] == IMAGE_ROOT.rstrip("/")
+    args = dict(application["args"])
+    preset = args.pop("config")
+    assert preset.startswith(IMAGE_ROOT)
+    cfg = load_config(ServeConfig, ROOT / preset[len(IMAGE_ROOT):], [f"{k}={v}" for k, v in args.items()])
+    assert cfg.model_dir.startswith(SHARED)
+    # the same app as serve/config.yaml (`serve deploy` on cluster.yaml's nodes), paths aside
+    launcher_app = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())["applications"][0]
+    assert Path(launcher_app["args"]["config"]).parts[-3:] == Path(preset).parts[-3:]
+    assert launcher_app["args"]["model_dir"] == cfg.model_dir
+
+    spec = service["spec"]["rayClusterConfig"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert _images(spec) == _images(raycluster["spec"])
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    main_groups = {g["groupName"]: group_node_type(g) for g in raycluster["spec"]["workerGroupSpecs"]}
+    served = {name: group_node_type(g) for name, g in groups.items()}
+    assert set(served) == {"gpu-serve"}
+    assert served["gpu-serve"]["resources"] == main_groups["gpu-serve"]["resources"]
+    assert served["gpu-serve"]["min_workers"] >= cfg.min_replicas
+    assert unmet_requests(cfg, served) == []  # every replica, up to max_replicas, has a pod
+    (worker,) = groups["gpu-serve"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in worker.get("env", [])}
+    assert "secretKeyRef" in env[cfg.auth_token_env]["valueFrom"]
+    (claim,) = [d for d in _manifests("raycluster.yaml") if d["kind"] == "PersistentVolumeClaim"]
+    for pod in [spec["headGroupSpec"], *groups.values()]:
+        claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["template"]["spec"]["volumes"]
+                  if "persistentVolumeClaim" in v}
+        assert claims == {claim["metadata"]["name"]}
+        (container,) = pod["template"]["spec"]["containers"]
+        assert container["resources"]["requests"] == container["resources"]["limits"]
 
 
 # -- docs/cluster.md -----------------------------------------------------------------------------------
