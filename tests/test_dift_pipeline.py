@@ -74,10 +74,13 @@ def test_killed_run_resumes_from_its_checkpoint_and_the_loss_goes_down(tiny_mode
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [m["step"] for m in _steps(out)]
-    resumed = steps[len(killed_at):]
-    # The rerun starts right after the last committed checkpoint (not at 1) and finishes the run.
+    # The rerun resumes after the last committed checkpoint and logs every step once: the killed
+    # run's steps after that checkpoint are replaced, not appended a second time.
     assert max(committed) >= 2
-    assert resumed == list(range(max(committed) + 1, 9)), (steps, committed)
+    assert steps == list(range(1, 9)), (steps, committed)
+    # Checkpoint folders are named by step (the last keep_checkpoints=2 of them are kept).
+    assert sorted(p.name for p in (out / "dift-tiny").glob("checkpoint_*")) == [
+        "checkpoint_step_000006", "checkpoint_step_000008"]
     losses = {m["step"]: m["loss"] for m in _steps(out)}
     assert (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2
     final = out / "final"
