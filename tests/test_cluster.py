@@ -126,7 +126,8 @@ def test_help_lists_every_config_key_with_its_default_and_description(capsys):
 
 
 @pytest.mark.parametrize("env, flag, expected", [
-    (None, None, "local"), ("10.0.0.5:6379", None, "10.0.0.5:6379"), ("10.0.0.5:6379", "ray://h:10001", "ray://h:10001")])
+    (None, None, "local"), ("10.0.0.5:6379", None, "10.0.0.5:6379"),
+    ("10.0.0.5:6379", "ray://h:10001", "ray://h:10001")])
 def test_a_stage_starts_its_own_ray_unless_told_which_cluster_to_join(monkeypatch, capsys, env, flag, expected):
     import ray
 
