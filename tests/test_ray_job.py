@@ -54,6 +54,8 @@ def head():
     port, dashboard = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this environment's
+    # The dashboard gives each of its modules 30 s to start: too little on a loaded 2-core machine.
+    env["RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT"] = "300"
     log = open(f"{temp_dir}.log", "wb")
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
                              "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -61,7 +63,7 @@ def head():
                             env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + 360
         while True:
             try:
                 with urllib.request.urlopen(f"{address}/api/version", timeout=5) as reply:
