@@ -5,6 +5,7 @@ runs the job in a temporary copy of the working dir that vanishes with it)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,6 +79,8 @@ def head():
     finally:
         _kill_own(temp_dir, proc)
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        os.unlink(f"{temp_dir}.log")
 
 
 def _submit(address: str, env: dict, job_id: str, *args: str) -> tuple[str, str]:
