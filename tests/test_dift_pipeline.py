@@ -104,3 +104,30 @@ def test_two_workers_give_the_loss_curve_of_one_worker_with_the_same_global_batc
     for one, two in zip(*curves):
         assert two == pytest.approx(one, rel=1e-4)
     assert curves[0][0] != curves[0][2]  # the model did train: the curve is not flat
+
+
+def test_a_killed_training_worker_ends_the_run_with_a_clear_message(tiny_model_dir, dift_set, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(tiny_model_dir, dift_set, out, "max_steps=50", "checkpoint_every=0",
+                                 "cpus_per_worker=0.5"),
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 600
+        while len(_steps(out)) < 1 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        # This run's own training worker: a descendant of the driver started here.
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert workers, "no training worker found"
+        for worker in workers:
+            worker.kill()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err[-3000:]
+    assert "dift: failed: training failed (" in err
+    assert f"rerun the same command to resume from the last checkpoint under {out / 'dift-tiny'}" in err
