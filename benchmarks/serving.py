@@ -83,7 +83,7 @@ def run_http(args, media: Path) -> dict[int, dict]:
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
     cfg = load_config(ServeConfig, args.config, [f"model_dir={args.model}", f"media_root={media.parent}",
-                                                 f"max_ongoing_requests={max(args.concurrency) * 2}"])
+                                                 f"max_ongoing_requests={max(args.concurrency) * 2}", *args.overrides])
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build(cfg), name="bench", route_prefix="/")
@@ -117,7 +117,7 @@ def run_inprocess(args, media: Path) -> dict[int, dict]:
     from fourdthinker.serve_config import ServeConfig
     from fourdthinker.vllm_plugin.async_generate import AsyncLatentGenerator
 
-    cfg = load_config(ServeConfig, args.config, [f"model_dir={args.model}"])
+    cfg = load_config(ServeConfig, args.config, [f"model_dir={args.model}", *args.overrides])
 
     async def main():
         generator = await AsyncLatentGenerator.from_model_dir(
@@ -150,6 +150,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out", help="JSON path (default benchmarks/results/serve-<device>.json)")
+    parser.add_argument("overrides", nargs="*", help="ServeConfig overrides for both paths, e.g. auth_token_env=")
     args = parser.parse_args()
     # The Serve app (serve/ at the repository root) is imported by Ray's workers from their working
     # directory, which they take from the driver's: run from the root, whoever started the script.

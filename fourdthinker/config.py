@@ -10,7 +10,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -110,7 +110,10 @@ def _set_path(data: dict[str, Any], dotted: str, raw: str) -> None:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: {k} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        node[keys[-1]] = raw  # not YAML (e.g. "...", "@x", "[1,"): the plain string the user typed
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
@@ -155,11 +158,73 @@ def check_named_resources(key: str, resources: dict[str, Any]) -> None:
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
             raise ConfigError(f"{key}.{name}: expected an amount >= 0, got {amount!r}")
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class source: the `# ...` after it on its line, else the comment
+    lines just above it (the two styles the configs use)."""
+    import inspect
+    import re
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    comments, above = {}, []
+    for line in lines[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("#").strip())
+            continue
+        match = re.match(r"\s+(\w+)\s*:[^=]*(?:=.*?)?(?:\s#\s*(.*))?$", line)
+        if match and not stripped.startswith(("def ", "@", "return")):
+            comments.setdefault(match.group(1), match.group(2) or " ".join(above))
+        above = []
+    return comments
+
+
+def config_help(cls: type, prefix: str = "") -> str:
+    """Every key of the config dataclass `cls` with its default and description, one per line;
+    a nested section's keys as `section.key` (for `--help`)."""
+    comments = _field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            doc = (hints[f.name].__doc__ or "").strip().splitlines()
+            lines.append(f"  {name}:  section{' - ' + doc[0] if doc else ''}")
+            lines.append(config_help(hints[f.name], prefix=f"{name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        comment = comments.get(f.name, "")
+        lines.append(f"  {name}={default!r}" + (f"  {comment}" if comment else ""))
+    return "\n".join(lines)
+
+
+def check_model_dir(path: str, key: str = "model_dir") -> None:
+    """A local Hugging Face model directory (it holds config.json), checked before Ray starts."""
+    if not Path(path, "config.json").is_file():
+        what = "does not exist" if not Path(path).exists() else "holds no config.json"
+        raise ConfigError(f"{key}={path}: {what}; give a local model directory (e.g. one written by "
+                          "`fourdthinker tiny-model --out DIR`, or a downloaded Qwen2.5-VL)")
+
+
+def check_file(path: str, key: str, what: str) -> None:
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}={path}: no such file; give the path of {what}")
+
 
 # -- stage configs ---------------------------------------------------------------------------------
 @dataclasses.dataclass
 class DiftConfig:
     """DIFT (Dynamic-Imagery Fine-Tuning). Defaults are the reference's (REFERENCE.md "DIFT defaults")."""
+
+    # Made absolute before Ray starts; refused when relative under a Ray job (fourdthinker.paths).
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("model_dir", "train_jsonl", "output_dir")
 
     model_dir: str = ""  # a local Qwen2.5-VL (with or without latent tokens; they are added if missing)
     train_jsonl: str = ""  # DIFT JSONL in the reference format
@@ -212,3 +277,12 @@ class DiftConfig:
         if self.lr <= 0:
             raise ConfigError(f"lr: must be positive, got {self.lr}")
         check_named_resources("worker_resources", self.worker_resources)
+
+    def check_inputs(self) -> None:
+        """The input files exist and the JSONL has a usable sample (on the driver, before Ray starts)."""
+        check_model_dir(self.model_dir)
+        check_file(self.train_jsonl, "train_jsonl", "a DIFT JSONL file (pipelines/preprocess.py writes dift.jsonl)")
+        from fourdthinker.data.dift_dataset import read_dift_jsonl, require_usable
+
+        samples, skipped = read_dift_jsonl(self.train_jsonl)
+        require_usable(self.train_jsonl, len(samples), skipped)

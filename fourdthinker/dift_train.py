@@ -21,12 +21,17 @@ from typing import Any
 import torch
 
 from fourdthinker.config import DiftConfig, from_dict, to_dict
+from fourdthinker.metrics_log import MetricsLog
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 HF_DIR = "hf"
 DS_DIR = "deepspeed"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_step_{step:06d}"
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -144,14 +149,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_batch = (step % steps_per_epoch) * cfg.grad_accum
         log.info("resumed from step %d", step)
 
-    metrics_log = Path(cfg.output_dir) / cfg.run_name / "metrics.jsonl" if rank == 0 else None
-    if metrics_log is not None:
-        metrics_log.parent.mkdir(parents=True, exist_ok=True)
-    writer = None
-    if rank == 0 and cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(Path(cfg.output_dir) / "tensorboard" / cfg.run_name))
+    metrics_log = None
+    if rank == 0:  # a resumed run logs each step once: later steps of the killed run are dropped first
+        metrics_log = MetricsLog(Path(cfg.output_dir) / cfg.run_name / "metrics.jsonl", step,
+                                 Path(cfg.output_dir) / "tensorboard" / cfg.run_name if cfg.tensorboard else None,
+                                 prefix="dift")
     progress = None
     if rank == 0 and cfg.progress_bar:
         from tqdm import tqdm
@@ -181,15 +183,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue  # DeepSpeed applies the optimizer step every grad_accum micro-batches
             step += 1
             metrics = _step_metrics(sums, engine, world, time.perf_counter() - t0, step, epoch)
-            metrics["skipped_samples"] = sum(skipped.values())
+            metrics["skipped_samples"] = sum(skipped.values())  # at reading (fourdthinker.data.dift_dataset)
+            metrics["load_failures"] = collator.load_failures  # media that failed to load in training
             sums.clear()
             t0 = time.perf_counter()
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(f"dift/{k}", v, step)
             if metrics_log is not None:
-                with metrics_log.open("a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                metrics_log.write(metrics)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", cos=f"{metrics['cos']:.3f}",
@@ -202,8 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if last:
                 break
         start_batch = 0
-    if writer is not None:
-        writer.close()
+    if metrics_log is not None:
+        metrics_log.close()
     if progress is not None:
         progress.close()
     dist.barrier()
@@ -234,4 +233,6 @@ def _report_with_checkpoint(engine, processor, cfg: DiftConfig, step: int, metri
         _save_hf(engine, processor, tmp_path / HF_DIR, cfg.zero_stage)
         if rank == 0:
             (tmp_path / STATE_FILE).write_text(json.dumps({"step": step, "config": to_dict(cfg)}, indent=2))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # Named by step (Ray's default name is a timestamp): <output_dir>/<run_name>/checkpoint_step_000050
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=checkpoint_dir_name(step))

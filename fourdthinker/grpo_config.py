@@ -9,9 +9,9 @@ estimator defaults to k3 (non-negative, unbiased) where the reference used k1.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from fourdthinker.config import ConfigError, check_named_resources
+from fourdthinker.config import ConfigError, check_file, check_model_dir, check_named_resources
 from fourdthinker.rewards import RewardSpec
 
 KlEstimator = Literal["k1", "k3"]
@@ -20,6 +20,9 @@ KlEstimator = Literal["k1", "k3"]
 @dataclasses.dataclass
 class GrpoConfig:
     """4DRL: GRPO on latent-reasoning rollouts from vLLM actors, trained by a DeepSpeed learner group."""
+
+    # Made absolute before Ray starts; refused when relative under a Ray job (fourdthinker.paths).
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("model_dir", "train_jsonl", "output_dir")
 
     model_dir: str = ""  # a DIFT checkpoint (HF dir with processor and latent tokens)
     train_jsonl: str = ""  # 4DRL JSONL in the reference format
@@ -132,3 +135,13 @@ class GrpoConfig:
         self.reward_specs()  # unknown reward names fail here, at load time
         check_named_resources("learner_resources", self.learner_resources)
         check_named_resources("rollout_resources", self.rollout_resources)
+
+    def check_inputs(self) -> None:
+        """The input files exist and the JSONL has a usable prompt (on the driver, before Ray starts)."""
+        check_model_dir(self.model_dir)
+        check_file(self.train_jsonl, "train_jsonl", "a 4DRL JSONL file (pipelines/preprocess.py writes rl.jsonl)")
+        from fourdthinker.data.dift_dataset import require_usable
+        from fourdthinker.data.rl_dataset import read_rl_jsonl
+
+        prompts, skipped = read_rl_jsonl(self.train_jsonl)
+        require_usable(self.train_jsonl, len(prompts), skipped, "prompts")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fourdthinker.cluster import run_stage
 from fourdthinker.config import DiftConfig, to_dict
+from fourdthinker.errors import StageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,16 +23,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg: DiftConfig) -> int:
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from fourdthinker.dift_train import HF_DIR, train_loop_per_worker
 
+    # run_stage made the config's paths absolute and checked the inputs (DiftConfig.check_inputs)
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    # Workers do not share the driver's working directory: hand them absolute paths.
-    output_dir = Path(cfg.output_dir).resolve()
-    cfg.output_dir, cfg.model_dir, cfg.train_jsonl = (str(output_dir), str(Path(cfg.model_dir).resolve()),
-                                                      str(Path(cfg.train_jsonl).resolve()))
+    output_dir = Path(cfg.output_dir)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=to_dict(cfg),
@@ -40,7 +39,11 @@ def _train(cfg: DiftConfig) -> int:
         run_config=RunConfig(name=cfg.run_name, storage_path=str(output_dir),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:  # a worker died or raised: its traceback is in the log above
+        raise StageError(f"training failed ({str(err).strip().splitlines()[0]}); rerun the same command to "
+                         f"resume from the last checkpoint under {output_dir / cfg.run_name}") from None
     final = output_dir / "final"
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as ckpt:

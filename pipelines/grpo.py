@@ -24,8 +24,9 @@ import torch
 from fourdthinker.actors.rollout_group import generate_groups, score_groups
 from fourdthinker.cluster import run_stage
 from fourdthinker.config import to_dict
-from fourdthinker.errors import UsageError
+from fourdthinker.errors import StageError, UsageError
 from fourdthinker.grpo_config import GrpoConfig
+from fourdthinker.metrics_log import MetricsLog
 
 log = logging.getLogger("grpo")
 
@@ -38,6 +39,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint (its state file is written last)."""
     done = sorted(p.parent for p in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*/{STATE_FILE}"))
     return done[-1] if done else None
+
+
+def finished_step(run_dir: Path) -> int:
+    """The step of the run's latest complete checkpoint (0 without one)."""
+    last = latest_checkpoint(run_dir)
+    return json.loads((last / STATE_FILE).read_text())["step"] if last is not None else 0
 
 
 def save_checkpoint(learner, run_dir: Path, step: int, cfg: GrpoConfig) -> Path:
@@ -104,40 +111,19 @@ def build_actors(cfg: GrpoConfig):
 
 
 # -- the run -----------------------------------------------------------------------------------------
-class MetricsLog:
-    def __init__(self, run_dir: Path, cfg: GrpoConfig):
-        self.path = run_dir / "metrics.jsonl"
-        self.writer = None
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, metrics: dict[str, float]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                self.writer.add_scalar(f"grpo/{key}", value, int(metrics["step"]))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 def train(cfg: GrpoConfig) -> dict[str, float]:
     """Run (or resume) the GRPO stage described by `cfg`; returns the last step's metrics."""
     import ray
     from transformers import AutoConfig, AutoTokenizer
 
+    from fourdthinker.data.dift_dataset import require_usable
     from fourdthinker.data.rl_dataset import PromptOrder, read_rl_jsonl
     from fourdthinker.generation import Completion, GenerationRequest, SamplingConfig
     from fourdthinker.grpo import build_train_rows, group_advantages, rollout_metrics, vision_placeholder_ids
     from fourdthinker.tokens import LatentIds
 
     prompts, skipped = read_rl_jsonl(cfg.train_jsonl)
-    if not prompts:
-        raise UsageError(f"train_jsonl {cfg.train_jsonl}: no usable prompts (skipped: {dict(skipped)})")
+    require_usable(cfg.train_jsonl, len(prompts), skipped, "prompts")
     model_config = AutoConfig.from_pretrained(cfg.model_dir, local_files_only=True)
     pad_id = AutoTokenizer.from_pretrained(cfg.model_dir, local_files_only=True).pad_token_id
     latent_ids = LatentIds.from_config(model_config)
@@ -153,7 +139,7 @@ def train(cfg: GrpoConfig) -> dict[str, float]:
     resume = latest_checkpoint(run_dir)
     if resume is not None:
         learner.load_checkpoint(resume)
-        step = json.loads((resume / STATE_FILE).read_text())["step"]
+        step = finished_step(run_dir)
         log.info("resumed from %s at step %d", resume, step)
     version = step
     if step > 0:
@@ -163,7 +149,8 @@ def train(cfg: GrpoConfig) -> dict[str, float]:
     def resync(actor) -> None:
         learner.broadcast_weights([actor], version)
 
-    metrics_log = MetricsLog(run_dir, cfg)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl", step, run_dir / "tensorboard" if cfg.tensorboard else None,
+                             prefix="grpo")
     progress = None
     if cfg.progress_bar:
         from tqdm import tqdm
@@ -222,6 +209,10 @@ def train(cfg: GrpoConfig) -> dict[str, float]:
             if cfg.save_checkpoints and (step == cfg.max_steps
                                          or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
                 save_checkpoint(learner, run_dir, step, cfg)
+    except StageError as err:  # a learner died: say so and how to go on, instead of hanging or a traceback
+        last = latest_checkpoint(run_dir)
+        raise StageError(f"{err} at step {step + 1}; rerun the same command to resume from "
+                         f"{last or 'the start (no checkpoint yet)'}") from None
     finally:
         metrics_log.close()
         if progress is not None:
@@ -256,6 +247,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: GrpoConfig) -> int:
+    run_dir = Path(cfg.output_dir) / cfg.run_name
+    done = finished_step(run_dir)
+    if done >= cfg.max_steps:  # before any engine starts: nothing left to train
+        print(f"grpo: already finished ({done} of max_steps={cfg.max_steps} steps); model -> {run_dir / 'final'} "
+              "(raise max_steps to train on, or change run_name for a new run)")
+        return 0
     metrics = train(cfg)
     print(f"grpo: {int(metrics.get('step', 0))} steps, reward {metrics.get('reward/total/mean', float('nan')):.3f}, "
           f"kl {metrics.get('kl', float('nan')):.4f}; model -> "

@@ -10,7 +10,7 @@ from PIL import Image
 from fourdthinker.data.collate import DiftCollator, chat_messages, prompt_batch, render_latent_text
 from fourdthinker.data.dift_dataset import DiftSample
 from fourdthinker.data.video import VIDEO_FPS, load_frames, load_image
-from fourdthinker.model import (IGNORE_INDEX, dift_forward, embed_with_latents, latent_targets)
+from fourdthinker.model import IGNORE_INDEX, dift_forward, embed_with_latents, latent_targets
 from fourdthinker.prompts import question_prompt
 from fourdthinker.tokens import LATENT_END, LATENT_PAD, LATENT_START
 
@@ -160,3 +160,27 @@ def test_prompt_batch_left_pads_and_matches_single_prompts(processor, samples):
         assert torch.equal(batch["input_ids"][row][batch["attention_mask"][row].bool()], single)
         text = processor.tokenizer.decode(single)
         assert text.endswith("<|im_start|>assistant\n") and prompt[0] in text
+
+
+def test_a_sample_whose_media_fail_to_load_is_skipped_counted_and_replaced(processor, ids, samples, tmp_path):
+    broken_frame = tmp_path / "broken.png"
+    broken_frame.write_bytes(b"not an image")
+    short, long = samples
+    broken = DiftSample("broken", short.text_input, short.text_output, [str(broken_frame)], short.image_output)
+    collator = DiftCollator(processor, ids)
+    batch = collator([broken, long])
+    assert collator.load_failures == 1
+    reference = DiftCollator(processor, ids)([long, long])  # the loaded sample takes the broken one's place
+    for key, value in reference.items():
+        assert torch.equal(batch[key], value) if torch.is_tensor(value) else batch[key] == value, key
+    only_broken = collator([broken, broken])  # a batch with nothing loadable: the last good batch's samples
+    assert collator.load_failures == 3
+    assert torch.equal(only_broken["input_ids"], reference["input_ids"])
+    import pickle
+
+    from fourdthinker.data.video import FrameLoadError
+
+    with pytest.raises(FrameLoadError) as err:  # nothing ever loaded: the error survives Ray's pickling
+        DiftCollator(processor, ids)([broken])
+    back = pickle.loads(pickle.dumps(err.value))
+    assert back.path == err.value.path and str(back) == str(err.value)

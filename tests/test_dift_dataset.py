@@ -9,6 +9,7 @@ import pytest
 
 from fourdthinker.data import dift_dataset as dd
 from fourdthinker.data.dift_dataset import DiftSample, read_dift_jsonl, write_dift_jsonl
+from fourdthinker.errors import UsageError
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def test_good_lines_round_trip(tmp_path, images):
     samples = [DiftSample(**_record(images)),
                DiftSample(**_record(images, id="vid_2", text_output="no image here: é ü 中",
                                     image_output=[]))]
-    path = tmp_path / "out" / "dift.jsonl"
+    path = tmp_path / "dift.jsonl"  # the images' folder: media stay inside the JSONL's folder
     write_dift_jsonl(samples, path)
     raw = path.read_text(encoding="utf-8").splitlines()
     assert len(raw) == 2 and "中" in raw[1]  # ensure_ascii=False
@@ -87,3 +88,57 @@ def test_each_bad_line_is_skipped_with_its_reason(tmp_path, images, caplog):
     for reason in expected:
         assert f"({reason})" in logged
     assert f"{path}:2 skipped" in logged  # line numbers point at the bad line
+
+
+def test_no_usable_sample_is_an_error_naming_the_file_the_counts_per_reason_and_the_fix(tmp_path, images):
+    # The issue: paths written relative to the working directory, not to the JSONL's folder.
+    path = tmp_path / "dift.jsonl"
+    records = [_record(images, image_input=["runs/out/frames/c/f0.jpg"]) for _ in range(3)]
+    records.append(_record(images, text_input=""))
+    _write_lines(path, [json.dumps(r).encode() for r in records])
+    samples, skipped = read_dift_jsonl(path)
+    assert samples == [] and skipped == {dd.MISSING_IMAGE: 3, dd.EMPTY_TEXT: 1}
+    with pytest.raises(UsageError) as err:
+        dd.require_usable(path, len(samples), skipped)
+    message = str(err.value)
+    assert str(path) in message and f"{dd.MISSING_IMAGE}: 3" in message and f"{dd.EMPTY_TEXT}: 1" in message
+    assert f"relative to the JSONL file's folder {path.parent}" in message
+    dd.require_usable(path, 1, skipped)  # one usable sample is enough
+
+
+def test_a_media_path_leaving_the_jsonl_folder_is_skipped_as_outside_the_root(tmp_path, images):
+    root = tmp_path / "data"
+    (root / "frames").mkdir(parents=True)
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(b"x")
+    (root / "frames" / "link.jpg").symlink_to(outside)  # a symlink inside that points out
+    (root / "frames" / "ok.jpg").write_bytes(b"x")
+    escapes = ["../../../../../etc/passwd", "/etc/passwd", str(outside), "frames/../../secret.jpg",
+               "frames/link.jpg"]
+    records = [_record(images, image_input=["frames/ok.jpg", bad], image_output=["frames/ok.jpg"] * 2)
+               for bad in escapes]
+    records.append(_record(images, image_input=["frames/ok.jpg", str(root / "frames" / "ok.jpg")],
+                           image_output=["./frames/ok.jpg", "frames/../frames/ok.jpg"]))
+    path = root / "dift.jsonl"
+    _write_lines(path, [json.dumps(r).encode() for r in records])
+    samples, skipped = read_dift_jsonl(path)
+    assert dict(skipped) == {dd.PATH_OUTSIDE_ROOT: len(escapes)}
+    ok = str(root / "frames" / "ok.jpg")
+    assert [s.image_input + s.image_output for s in samples] == [[ok] * 4]
+
+
+def test_rl_media_paths_follow_the_same_root_rule(tmp_path):
+    from fourdthinker.data.rl_dataset import read_rl_jsonl
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (tmp_path / "v.mp4").write_bytes(b"x")
+    (root / "v.mp4").write_bytes(b"x")
+    rows = [{"Question": "Pan?", "A": "Yes", "B": "No", "Correct": "A", "video_path": p}
+            for p in ("../v.mp4", str(tmp_path / "v.mp4"), "v.mp4")]
+    rows.append({"Question": "Pan?", "A": "Yes", "B": "No", "Correct": "A", "frame_paths": ["../v.mp4"]})
+    path = root / "rl.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, skipped = read_rl_jsonl(path)
+    assert [p.video_path for p in prompts] == [str(root / "v.mp4")]
+    assert dict(skipped) == {dd.PATH_OUTSIDE_ROOT: 3}

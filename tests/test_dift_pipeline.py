@@ -74,10 +74,13 @@ def test_killed_run_resumes_from_its_checkpoint_and_the_loss_goes_down(tiny_mode
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     steps = [m["step"] for m in _steps(out)]
-    resumed = steps[len(killed_at):]
-    # The rerun starts right after the last committed checkpoint (not at 1) and finishes the run.
+    # The rerun resumes after the last committed checkpoint and logs every step once: the killed
+    # run's steps after that checkpoint are replaced, not appended a second time.
     assert max(committed) >= 2
-    assert resumed == list(range(max(committed) + 1, 9)), (steps, committed)
+    assert steps == list(range(1, 9)), (steps, committed)
+    # Checkpoint folders are named by step (the last keep_checkpoints=2 of them are kept).
+    assert sorted(p.name for p in (out / "dift-tiny").glob("checkpoint_*") if p.is_dir()) == [
+        "checkpoint_step_000006", "checkpoint_step_000008"]
     losses = {m["step"]: m["loss"] for m in _steps(out)}
     assert (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2
     final = out / "final"
@@ -125,3 +128,30 @@ def test_the_logged_loss_is_the_configured_mix_and_the_latent_cosine_rises(tiny_
     assert cfg.sim_weight > 0 and cfg.ce_weight > 0
     first, last = steps[0]["cos"], max(m["cos"] for m in steps[-2:])
     assert last > first + 0.1, [m["cos"] for m in steps]
+
+
+def test_a_killed_training_worker_ends_the_run_with_a_clear_message(tiny_model_dir, dift_set, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cmd(tiny_model_dir, dift_set, out, "max_steps=50", "checkpoint_every=0",
+                                 "cpus_per_worker=0.5"),
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.time() + 600
+        while len(_steps(out)) < 1 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        # This run's own training worker: a descendant of the driver started here.
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert workers, "no training worker found"
+        for worker in workers:
+            worker.kill()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err[-3000:]
+    assert "dift: failed: training failed (" in err
+    assert f"rerun the same command to resume from the last checkpoint under {out / 'dift-tiny'}" in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ def _pipeline():
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ray
     ray.shutdown()
@@ -55,7 +56,7 @@ def _dataset(root: Path) -> Path:
     return path
 
 
-def test_a_run_logs_every_metric_checkpoints_and_resumes(ray_local, tiny_model_dir, tmp_path):
+def test_a_run_logs_every_metric_checkpoints_and_resumes(ray_local, tiny_model_dir, tmp_path, capsys):
     grpo = _pipeline()
     data = _dataset(tmp_path / "data")
     args = ["--config", str(REPO / "configs/tiny/grpo.yaml"), f"model_dir={tiny_model_dir}",
@@ -72,15 +73,25 @@ def test_a_run_logs_every_metric_checkpoints_and_resumes(ray_local, tiny_model_d
         assert m["optimizer_steps"] == 1 and m["weight_version"] == m["step"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
 
-    assert grpo.main(args + ["max_steps=3"]) == 0  # resumes at step 2
+    # As if the run had been killed after logging step 2 but before its checkpoint: the rerun resumes
+    # at step 1's checkpoint and must log step 2 once, not append it a second time.
+    shutil.rmtree(run / "checkpoints" / "step_000002")
+    assert grpo.main(args + ["max_steps=3"]) == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     resumed = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert resumed["logprob_gap/max"] < 1e-3  # the fresh engines got the checkpoint's weights
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000002", "step_000003"]
 
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    capsys.readouterr()
+    metrics_before = (run / "metrics.jsonl").read_text()
+    assert grpo.main(args + ["max_steps=3"]) == 0  # finished: says so, starts no engine, logs nothing
+    said = capsys.readouterr().out
+    assert "already finished (3 of max_steps=3 steps)" in said and str(run / "final") in said
+    assert (run / "metrics.jsonl").read_text() == metrics_before
+
     from safetensors.torch import load_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(run / "final", local_files_only=True)
     saved = load_file(str(run / "checkpoints" / "step_000003" / "hf" / "model.safetensors"))
@@ -88,6 +99,29 @@ def test_a_run_logs_every_metric_checkpoints_and_resumes(ray_local, tiny_model_d
     name = "lm_head.weight"
     assert np.allclose(model.state_dict()[name].numpy(), saved[name].numpy())
     assert not np.allclose(model.state_dict()[name].numpy(), initial.state_dict()[name].numpy())
+
+
+def test_a_killed_learner_ends_the_run_with_a_clear_message_not_a_hang(ray_local, tiny_model_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+    from fourdthinker.actors.learner import LearnerGroup
+
+    train_step = LearnerGroup.train_step
+
+    def killing_train_step(self, prompts, rows):
+        ray_local.kill(self.workers[1])  # rank 1 dies as the step starts; rank 0 would wait on it forever
+        return train_step(self, prompts, rows)
+
+    monkeypatch.setattr(LearnerGroup, "train_step", killing_train_step)
+    grpo = _pipeline()
+    data = _dataset(tmp_path / "data")
+    rc = grpo.main(["--config", str(REPO / "configs/tiny/grpo.yaml"), f"model_dir={tiny_model_dir}",
+                    f"train_jsonl={data}", f"output_dir={tmp_path / 'runs'}", "run_name=k", "max_tokens=8",
+                    "progress_bar=false", "max_steps=2"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "grpo: failed: learner rank 1 of 2 died during train_step" in err
+    assert "at step 1; rerun the same command to resume from the start (no checkpoint yet)" in err
+    assert "Traceback" not in err
 
 
 def _flaky_rollout_class():

@@ -21,7 +21,7 @@ def cluster(tiny_model_dir):
     from fourdthinker.actors.learner import LearnerGroup
     from fourdthinker.actors.rollout import rollout_actor_class
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}})
     cfg = GrpoConfig(model_dir=str(tiny_model_dir), train_jsonl="-", prompts_per_step=2, num_generations=2,
                      num_learners=2, micro_batch_size=1, learner_gpus=0, learner_cpus=0.25, lr=1e-2,

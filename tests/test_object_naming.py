@@ -235,7 +235,7 @@ def test_the_ray_plan_names_objects_and_never_mixes_buckets_in_a_batch(endpoint,
 
     monkeypatch.setattr(dataset, "SegmentClips", RecordingSegmentClips)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     try:
         results = list(dataset.segmented_clips(cfg, rows).iter_rows())
     finally:

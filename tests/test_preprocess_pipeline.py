@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 GOOD = ["clip_0000", "clip_0001", "clip_0002", "clip_0003"]
 # Broken rows and the reason category each must be dropped with.
 BROKEN = {"ghost": "video missing", "corrupt": "unreadable video", "wrongfps": "fps mismatch",
-          "fewposes": "camera poses unusable", "noannot": "annotations missing"}
+          "fewposes": "camera poses unusable", "noannot": "annotations missing",
+          # NaN poses beside an instructions.json: camera labels come from the file, object motion fails
+          "nanposes": "labelling failed"}
 
 
 def _pipeline():
@@ -37,7 +39,7 @@ def _pipeline():
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield
     ray.shutdown()
 
@@ -69,6 +71,9 @@ def world(tmp_path_factory):
                 np.save(annotations / name, np.load(annotations / name)[:2].reshape(-1, width))
             (annotations / "indexes.txt").write_text("0 0\n1 1\n")
             (annotations / "instructions.json").unlink()
+        if clip_id == "nanposes":
+            poses = np.load(annotations / "poses.npy")
+            np.save(annotations / "poses.npy", np.full_like(poses, np.nan))
         extra.append(row)
     pd.concat([table, pd.DataFrame(extra)], ignore_index=True).to_csv(root / "SpatialVID_metadata.csv", index=False)
     return root
@@ -107,7 +112,10 @@ def test_every_sample_passes_the_reference_format_check(fresh_run):
         answer = rl_record["Correct"]
         assert validate_text_output(record["text_output"], len(record["image_output"]),
                                     f"{answer}. {rl_record[answer]}") is None
-        assert all(Path(p).is_file() for p in record["image_input"] + record["image_output"])
+        media = record["image_input"] + record["image_output"]
+        # One rule for every JSONL: media paths relative to the JSONL's folder.
+        assert all(not Path(p).is_absolute() and (out / p).is_file() for p in media)
+        assert rl_record["frame_paths"] == record["image_input"]
 
 
 def test_broken_clips_are_dropped_with_their_reason_and_good_clips_finish(fresh_run):
@@ -120,6 +128,17 @@ def test_broken_clips_are_dropped_with_their_reason_and_good_clips_finish(fresh_
     assert summary["clips"] == len(GOOD) + len(BROKEN) and summary["clips_ok"] == len(GOOD)
     assert set(manifest.loc[manifest["status"] == "ok", "clip_id"]) == set(GOOD)
     assert summary["drops_per_reason"].keys() >= set(BROKEN.values())
+    nan_reason = per_clip.get_group("nanposes")["reason"].iloc[0]
+    assert "ValueError" in nan_reason, nan_reason  # the cause travels with the clip's drop record
+
+
+def test_a_rerun_of_a_finished_run_is_a_no_op(fresh_run, world):
+    out, summary = fresh_run
+    before = {p: p.stat().st_mtime_ns for p in (out / CLIPS_DIR).glob("*.json")}
+    outputs = _outputs(out)
+    assert _pipeline().run(_cfg(world, out)) == summary
+    assert {p: p.stat().st_mtime_ns for p in (out / CLIPS_DIR).glob("*.json")} == before
+    assert _outputs(out) == outputs
 
 
 def test_a_killed_run_resumes_without_redoing_finished_clips(fresh_run, world, tmp_path):
@@ -134,3 +153,33 @@ def test_a_killed_run_resumes_without_redoing_finished_clips(fresh_run, world, t
     assert {name: after[name] for name in first} == first  # finished clips were not recomputed
     assert len(after) == len(GOOD) + len(BROKEN)
     assert _outputs(out) == _outputs(fresh_out)
+
+
+def test_a_relative_output_dir_gives_jsonl_files_dift_and_grpo_read_whole(ray_local, world, tmp_path, monkeypatch):
+    from fourdthinker.data.dift_dataset import read_dift_jsonl
+    from fourdthinker.data.rl_dataset import read_rl_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    assert _pipeline().main(["--config", str(REPO / "configs/tiny/preprocess.yaml"), f"input_root={world}",
+                             "output_dir=runs/pp", "max_clips=1"]) == 0
+    monkeypatch.chdir(REPO)  # read from elsewhere: paths must not depend on the working directory
+    out = tmp_path / "runs" / "pp"
+    lines = len((out / "dift.jsonl").read_text().splitlines())
+    samples, skipped = read_dift_jsonl(out / "dift.jsonl")
+    prompts, rl_skipped = read_rl_jsonl(out / "rl.jsonl")
+    assert lines > 0 and len(samples) == len(prompts) == lines and not skipped and not rl_skipped
+
+
+def test_every_output_gets_the_mode_the_users_umask_gives(fresh_run):
+    import os
+
+    out, _ = fresh_run
+    umask = os.umask(0)
+    os.umask(umask)
+    paths = list(out.rglob("*"))
+    kinds = {p.relative_to(out).parts[0] for p in paths}
+    assert kinds >= {"clips", "frames", "masks", "overlays", "dift.jsonl", "rl.jsonl", "manifest.parquet",
+                     "summary.json"}
+    wrong = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in paths
+             if p.stat().st_mode & 0o777 != (0o777 if p.is_dir() else 0o666) & ~umask}
+    assert not wrong, wrong

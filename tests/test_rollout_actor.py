@@ -19,7 +19,7 @@ def ray_local():
 
     # The actor's engine runs its own worker process (vLLM's default), unlike the in-process
     # engines of the other tests.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}})
     yield ray
     ray.shutdown()

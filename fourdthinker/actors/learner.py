@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from fourdthinker.config import from_dict, to_dict
+from fourdthinker.errors import StageError
 from fourdthinker.grpo import TrainRows, grpo_loss, logprob_gap, pad_rows, trainable_text_mask
 from fourdthinker.grpo_config import GrpoConfig
 from fourdthinker.weight_sync import WeightSync, free_port, make_weight_sync
@@ -330,10 +331,24 @@ class LearnerGroup:
         addr, port = ray.get(self.workers[0].master_address.remote())
         self.info = ray.get([w.setup.remote(addr, port) for w in self.workers])
 
-    def _call(self, method: str, *args) -> list:
+    def _gather(self, refs: list, what: str) -> list:
+        """Every rank's result, failing as soon as one rank fails: the other ranks of a collective
+        would wait on a dead one forever, and so would a plain `ray.get` of all of them."""
         import ray
 
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as err:
+                rank = refs.index(ready[0])
+                cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise StageError(f"learner rank {rank} of {len(refs)} died during {what} ({cause})") from None
+        return ray.get(refs)
+
+    def _call(self, method: str, *args) -> list:
+        return self._gather([getattr(w, method).remote(*args) for w in self.workers], method)
 
     def _shards(self, prompts: Sequence[Prompt], rows: TrainRows):
         """Per rank: only the prompts its rows answer, with the rows' indices remapped to them."""
@@ -345,16 +360,12 @@ class LearnerGroup:
             yield [prompts[p] for p in used], shard
 
     def train_step(self, prompts: Sequence[Prompt], rows: TrainRows) -> dict[str, float]:
-        import ray
-
         refs = [w.train_step.remote(p, s) for w, (p, s) in zip(self.workers, self._shards(prompts, rows))]
-        return ray.get(refs)[0]  # metrics are all-reduced: every rank returns the same
+        return self._gather(refs, "train_step")[0]  # metrics are all-reduced: every rank returns the same
 
     def logprobs(self, prompts: Sequence[Prompt], rows: TrainRows) -> list[torch.Tensor]:
-        import ray
-
         refs = [w.logprobs.remote(p, s) for w, (p, s) in zip(self.workers, self._shards(prompts, rows))]
-        return [lp for part in ray.get(refs) for lp in part]
+        return [lp for part in self._gather(refs, "logprobs") for lp in part]
 
     def broadcast_weights(self, rollouts: Sequence[Any], version: int) -> dict[str, float]:
         return self._call("broadcast_weights", list(rollouts), version)[0]

@@ -47,7 +47,11 @@ class NameObjects:
     def __call__(self, row: dict) -> dict:
         if row["status"] != STATUS_OK:
             return {**row, "concepts": [], "concepts_source": "", "concepts_note": ""}
-        names = self.writer.name_objects(list(row["frame_paths"]))
+        try:
+            names = self.writer.name_objects(list(row["frame_paths"]))
+        except Exception as err:  # one clip's naming failure falls back to the vocabulary, never stops the job
+            return {**row, "concepts": self.vocabulary, "concepts_source": CONCEPTS_FROM_VOCABULARY,
+                    "concepts_note": f"object naming failed: {type(err).__name__}: {err}"}
         if names.concepts:
             return {**row, "concepts": names.concepts, "concepts_source": CONCEPTS_FROM_LLM, "concepts_note": ""}
         return {**row, "concepts": self.vocabulary, "concepts_source": CONCEPTS_FROM_VOCABULARY,

@@ -9,17 +9,28 @@ never enter the text, they are encoded separately as the latent targets' pixels.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 from PIL import Image
 
 from fourdthinker.data.dift_dataset import DiftSample
-from fourdthinker.data.video import (MAX_FRAMES, MAX_PIXELS, fit_frames, load_frames, load_image,
-                                     video_chat_item, video_processor_kwargs)
+from fourdthinker.data.video import (
+    MAX_FRAMES,
+    MAX_PIXELS,
+    FrameLoadError,
+    fit_frames,
+    load_frames,
+    load_image,
+    video_chat_item,
+    video_processor_kwargs,
+)
 from fourdthinker.model import IGNORE_INDEX
 from fourdthinker.prompts import question_prompt
 from fourdthinker.tokens import LATENT_END, LATENT_PAD, LATENT_START, OUTPUT_IMAGE, LatentIds
+
+log = logging.getLogger(__name__)
 
 _PROMPT_KEYS = ("input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw",
                 "second_per_grid_ts")
@@ -108,6 +119,8 @@ class DiftCollator:
         self.max_pixels = max_pixels
         image_processor = processor.image_processor
         self._patch_dim = (3 * image_processor.temporal_patch_size * image_processor.patch_size ** 2)
+        self.load_failures = 0  # samples skipped because their media failed to load
+        self._last_loaded: list = []
 
     def _assistant_turn(self, prompt_text: str, full_text: str, sample_id: str) -> str:
         # The template renders prompt + assistant; the assistant turn is tokenized on its own so
@@ -117,12 +130,34 @@ class DiftCollator:
                              "does not start with its generation prompt; use a Qwen-style template")
         return full_text[len(prompt_text):]
 
+    def _load(self, samples: list[DiftSample]) -> list[tuple[DiftSample, list, list]]:
+        """Each sample with its frames and output images. A sample whose media fail to load is skipped
+        (logged, counted in `load_failures`) and its place taken by a loaded one of this batch or the
+        last good batch: every rank keeps its batch size, so ranks stay in lockstep."""
+        loaded = []
+        for sample in samples:
+            try:
+                frames = load_frames(sample.image_input, self.max_frames, self.max_pixels)
+                images = [load_image(p, self.max_pixels) for p in sample.image_output]
+            except FrameLoadError as err:
+                self.load_failures += 1
+                log.warning("sample %s skipped: %s", sample.id, err)
+                continue
+            loaded.append((sample, frames, images))
+        spares = loaded or self._last_loaded
+        if not spares:
+            raise FrameLoadError(samples[0].image_input[0], "no sample of the first batch could be loaded "
+                                 f"({', '.join(s.id for s in samples)})")
+        self._last_loaded = spares
+        return loaded + [spares[i % len(spares)] for i in range(len(samples) - len(loaded))]
+
     def __call__(self, samples: list[DiftSample]) -> dict[str, torch.Tensor]:
         if not samples:
             raise ValueError("DiftCollator: empty batch")
         videos, prompt_texts, assistant_texts, output_images = [], [], [], []
-        for sample in samples:
-            frames = load_frames(sample.image_input, self.max_frames, self.max_pixels)
+        loaded = self._load(samples)
+        samples = [sample for sample, _, _ in loaded]
+        for sample, frames, images in loaded:
             user_text = question_prompt(sample.text_input)
             answer = render_latent_text(sample.text_output, self.latent_ids)
             prompt_text = _render(self.processor, chat_messages(user_text, frames), True)
@@ -130,7 +165,7 @@ class DiftCollator:
             videos.append(frames)
             prompt_texts.append(prompt_text)
             assistant_texts.append(self._assistant_turn(prompt_text, full_text, sample.id))
-            output_images.extend(load_image(p, self.max_pixels) for p in sample.image_output)
+            output_images.extend(images)
 
         prompts = _encode_prompts(self.processor, prompt_texts, videos)
         answers = self.tokenizer(assistant_texts, add_special_tokens=False)["input_ids"]

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fourdthinker.atomic import atomic_write_jsonl
+from fourdthinker.errors import UsageError
+from fourdthinker.paths import PathOutsideRoot, media_path
 from fourdthinker.tokens import OUTPUT_IMAGE
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,15 @@ EMPTY_TEXT = "empty_text"
 SPECIAL_TOKEN_IN_TEXT = "special_token_in_text"
 OUTPUT_IMAGE_MISMATCH = "output_image_count_mismatch"
 MISSING_IMAGE = "missing_image"
+PATH_OUTSIDE_ROOT = "path_outside_root"
+# What to change for a skip reason, in the error raised when no line is usable.
+_FIXES = {
+    MISSING_IMAGE: "media paths are read relative to the JSONL file's folder {root}: write them relative to it "
+                   "(pipelines/preprocess.py does) or move the files there",
+    "missing_video": "media paths are read relative to the JSONL file's folder {root}: write them relative to it "
+                     "(pipelines/preprocess.py does) or move the files there",
+    PATH_OUTSIDE_ROOT: "keep every media file under the JSONL file's folder {root}",
+}
 
 
 @dataclass
@@ -49,6 +60,9 @@ class _Skip(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.detail)
 
 
 def _string_list(record: dict, key: str) -> list[str]:
@@ -89,9 +103,12 @@ def _parse(raw: bytes, base_dir: Path) -> DiftSample:
     if placeholders != len(image_output):
         raise _Skip(OUTPUT_IMAGE_MISMATCH,
                     f"{placeholders} {OUTPUT_IMAGE} in text_output but {len(image_output)} image_output")
-    # Relative paths are relative to the JSONL's folder, so a dataset directory can move.
-    image_input = [str(base_dir / p) for p in image_input]
-    image_output = [str(base_dir / p) for p in image_output]
+    # Paths are relative to the JSONL's folder (fourdthinker.paths), so a dataset directory can move.
+    try:
+        image_input = [media_path(p, base_dir) for p in image_input]
+        image_output = [media_path(p, base_dir) for p in image_output]
+    except PathOutsideRoot as err:
+        raise _Skip(PATH_OUTSIDE_ROOT, str(err)) from None
     for path in image_input + image_output:
         if not os.path.isfile(path):
             raise _Skip(MISSING_IMAGE, f"no such image file {path}")
@@ -103,8 +120,8 @@ def read_dift_jsonl(path: str | Path) -> tuple[list[DiftSample], collections.Cou
     """Samples of a DIFT JSONL file and a Counter of why lines were skipped.
 
     A bad line (not UTF-8, invalid JSON, wrong schema, empty text, a special token in the text,
-    `<output_image>` count != len(image_output), a missing image file) is logged and counted,
-    never returned. Blank lines are ignored.
+    `<output_image>` count != len(image_output), a missing image file, a path outside the file's
+    folder) is logged and counted, never returned. Blank lines are ignored.
     """
     path = Path(path)
     base_dir = path.resolve().parent
@@ -123,6 +140,20 @@ def read_dift_jsonl(path: str | Path) -> tuple[list[DiftSample], collections.Cou
         logger.warning("%s: kept %d samples, skipped %d lines %s", path, len(samples),
                        sum(skipped.values()), dict(skipped))
     return samples, skipped
+
+
+def require_usable(path: str | Path, kept: int, skipped: collections.Counter, what: str = "samples") -> None:
+    """A UsageError naming the file, the count per skip reason and the fix when no line of it is
+    usable: raised on the driver, before any training worker starts."""
+    if kept:
+        return
+    root = Path(path).resolve().parent
+    if not skipped:
+        raise UsageError(f"{path}: no {what} (the file is empty); point the config at a non-empty JSONL")
+    counts = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
+    fixes = [_FIXES[r].format(root=root) for r in skipped if r in _FIXES]
+    fix = "; ".join(fixes) if fixes else "the warnings above give each line's cause"
+    raise UsageError(f"{path}: no usable {what}, every line was skipped ({counts}). Fix: {fix}")
 
 
 def write_dift_jsonl(samples: Iterable[DiftSample], path: str | Path) -> None:

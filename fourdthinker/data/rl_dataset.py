@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fourdthinker.data.dift_dataset import PATH_OUTSIDE_ROOT
 from fourdthinker.data.video import MAX_FRAMES, MAX_PIXELS, VIDEO_FPS, decode_video, load_frames
+from fourdthinker.paths import PathOutsideRoot, media_path
 from fourdthinker.prompts import OPTION_LETTERS, question_prompt
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,16 @@ class _Skip(Exception):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
 
+    def __reduce__(self):
+        return type(self), (self.reason, self.detail)
+
+
+def _media(raw: str, base_dir: Path) -> str:
+    try:
+        return media_path(raw, base_dir)
+    except PathOutsideRoot as err:
+        raise _Skip(PATH_OUTSIDE_ROOT, str(err)) from None
+
 
 def _parse(line: str, line_no: int, base_dir: Path) -> RlPrompt:
     try:
@@ -77,13 +89,13 @@ def _parse(line: str, line_no: int, base_dir: Path) -> RlPrompt:
     if frame_paths is not None:
         if not isinstance(frame_paths, list) or not frame_paths or not all(isinstance(p, str) for p in frame_paths):
             raise _Skip(BAD_SCHEMA, "'frame_paths' must be a non-empty list of path strings")
-        frame_paths = [str(base_dir / p) for p in frame_paths]
+        frame_paths = [_media(p, base_dir) for p in frame_paths]
         missing = [p for p in frame_paths if not os.path.isfile(p)]
         if missing:
             raise _Skip(MISSING_VIDEO, f"{len(missing)} frame files missing, e.g. {missing[0]}")
         video_path = None
     elif isinstance(video_path, str) and video_path:
-        video_path = str(base_dir / video_path)
+        video_path = _media(video_path, base_dir)
         if not os.path.isfile(video_path):
             raise _Skip(MISSING_VIDEO, f"no such video file {video_path}")
     else:
@@ -97,7 +109,8 @@ def _parse(line: str, line_no: int, base_dir: Path) -> RlPrompt:
 def read_rl_jsonl(path: str | Path) -> tuple[list[RlPrompt], collections.Counter]:
     """Prompts of a 4DRL JSONL file and a Counter of why lines were skipped (each one logged).
 
-    Relative media paths are relative to the file's folder. Blank lines are ignored.
+    Media paths are relative to the file's folder and must stay inside it (fourdthinker.paths).
+    Blank lines are ignored.
     """
     path = Path(path)
     base_dir = path.resolve().parent

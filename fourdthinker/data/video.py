@@ -39,6 +39,9 @@ class FrameLoadError(UsageError):
         super().__init__(f"cannot read {self.path}: {reason}; check that the file exists and is a "
                          "valid image/video")
 
+    def __reduce__(self):  # rebuilt from its fields: Ray pickles exceptions between processes
+        return type(self), (self.path, self.reason)
+
 
 def fit_to_pixel_budget(image: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """RGB copy of `image` with sides multiples of 28 and at most `max_pixels` pixels.

@@ -9,6 +9,7 @@ number of each pose row) and the stream's frame rate. Anything a clip lacks beco
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -26,11 +27,15 @@ from fourdthinker.preprocess.camera_motion import InvalidPoses, label_poses, nor
 from fourdthinker.preprocess.config import PreprocessConfig
 from fourdthinker.preprocess.index import STATUS_DROPPED, STATUS_OK
 from fourdthinker.preprocess.llm_writer import OVERLAY_CHECK_FAILED, OVERLAY_CHECK_UNANSWERED, OpenAIWriter
-from fourdthinker.preprocess.manifest import dift_format_error, write_clip_result
+from fourdthinker.preprocess.manifest import dift_format_error, relative_media, write_clip_result
 from fourdthinker.preprocess.object_motion import CameraTrack, inside_frame, object_motion
 from fourdthinker.preprocess.records import ClipAnnotation, ObjectTrack
 
+log = logging.getLogger(__name__)
+
 OVERLAYS_DIR = "overlays"
+# The drop category of a clip whose labelling or question writing raised an unexpected error.
+LABELLING_FAILED = "labelling failed"
 LLM_CACHE_DIR = "llm_cache"
 QUESTION_DROPPED = "question dropped"
 # Writer drop reasons that are their own manifest category rather than "question dropped".
@@ -146,8 +151,6 @@ def process_clip(row: dict, cfg: PreprocessConfig, writer) -> dict:
     `writer` is a QA writer (`fourdthinker.preprocess.qa`); the question rng is seeded by
     (seed, clip id), so a clip's samples do not depend on which other clips run or in what order.
     """
-    from fourdthinker.preprocess.qa import write_clip_questions
-
     result = {"clip_id": row["clip_id"], "group": row["group"], "bucket": row["bucket"],
               "video_path": row["video_path"], "frames_dir": row.get("frames_dir", ""),
               "status": row["status"], "reason": row["reason"], "camera_segments": [], "objects": [],
@@ -157,25 +160,36 @@ def process_clip(row: dict, cfg: PreprocessConfig, writer) -> dict:
                       concepts_note=row["concepts_note"])
     if row["status"] == STATUS_OK:
         try:
-            clip = annotate(row, cfg)
+            result.update(_label_and_ask(row, cfg, writer))
         except ClipDropped as err:
             result.update(status=STATUS_DROPPED, reason=str(err))
-        else:
-            rng = random.Random(f"{cfg.seed}:{row['clip_id']}")
-            samples, drops = write_clip_questions(
-                clip, writer, rng, overlay_dir=Path(cfg.output_dir) / OVERLAYS_DIR / row["clip_id"])
-            kept = []
-            for sample in samples:
-                dift = sample.to_dift()
-                error = dift_format_error(dift)
-                if error:
-                    drops.append(f"{sample.id} {error}")
-                else:
-                    kept.append({"id": sample.id, "kind": sample.kind, "dift": dift, "rl": sample.to_rl()})
-            result.update(camera_segments=clip.camera_segments, objects=_object_labels(clip),
-                          samples=kept, drops=[drop_reason(reason) for reason in drops])
+        except Exception as err:  # one clip's failure anywhere in labels, motion or QA drops that clip only
+            log.warning("clip %s dropped: %s: %s", row["clip_id"], type(err).__name__, err)
+            result.update(status=STATUS_DROPPED, reason=f"{LABELLING_FAILED}: {type(err).__name__}: {err}",
+                          camera_segments=[], objects=[], samples=[], drops=[])
     write_clip_result(cfg.output_dir, result)
     return result
+
+
+def _label_and_ask(row: dict, cfg: PreprocessConfig, writer) -> dict:
+    """The clip's labels and its questions in the reference format (the result's fields)."""
+    from fourdthinker.preprocess.qa import write_clip_questions
+
+    clip = annotate(row, cfg)
+    rng = random.Random(f"{cfg.seed}:{row['clip_id']}")
+    samples, drops = write_clip_questions(
+        clip, writer, rng, overlay_dir=Path(cfg.output_dir) / OVERLAYS_DIR / row["clip_id"])
+    kept = []
+    for sample in samples:
+        dift = sample.to_dift()
+        error = dift_format_error(dift)
+        if error:
+            drops.append(f"{sample.id} {error}")
+        else:
+            kept.append({"id": sample.id, "kind": sample.kind, "dift": relative_media(dift, cfg.output_dir),
+                         "rl": relative_media(sample.to_rl(), cfg.output_dir)})
+    return {"camera_segments": clip.camera_segments, "objects": _object_labels(clip), "samples": kept,
+            "drops": [drop_reason(reason) for reason in drops]}
 
 
 def make_llm_writer(cfg: PreprocessConfig) -> OpenAIWriter:

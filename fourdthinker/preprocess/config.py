@@ -7,7 +7,8 @@ what CPU tests and the demo need. Unknown keys and bad values fail at load (see 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 from fourdthinker.config import ConfigError, check_named_resources
 from fourdthinker.data.video import MAX_FRAMES, MAX_PIXELS, VIDEO_FPS
@@ -75,6 +76,10 @@ class LlmConfig:
 
 @dataclass
 class PreprocessConfig:
+    # Made absolute before Ray starts; refused when relative under a Ray job (fourdthinker.paths).
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("input_root", "output_dir", "segmenter.checkpoint", "segmenter.bpe_path",
+                                            "segmenter.model_dir", "segmenter.world_root")
+
     input_root: str = ""  # a SpatialVID-style root: videos/, annotations/, SpatialVID_metadata.csv
     output_dir: str = "runs/preprocess"
     fps: float = VIDEO_FPS  # frames extracted per second of video
@@ -134,3 +139,12 @@ class PreprocessConfig:
         if seg.backend == "sam3" and seg.num_gpus_per_actor <= 0:
             raise ConfigError("segmenter.backend=sam3 runs on GPU only: set num_gpus_per_actor > 0 "
                               "or use backend=transformers on CPU")
+
+    def check_inputs(self) -> None:
+        """The input root exists (on the driver, before Ray starts)."""
+        from fourdthinker.data.spatialvid import METADATA_CSV
+
+        if not (Path(self.input_root) / METADATA_CSV).is_file():
+            what = "does not exist" if not Path(self.input_root).exists() else f"has no {METADATA_CSV}"
+            raise ConfigError(f"input_root={self.input_root}: {what}; point it at a SpatialVID-style root, or "
+                              "build the synthetic one first: fourdthinker synth --out runs/world")

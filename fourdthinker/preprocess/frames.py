@@ -79,9 +79,17 @@ def _read_existing(frames_dir: Path) -> dict | None:
 
 def extract_frames(row: dict, cfg: PreprocessConfig) -> dict:
     """Ray Data `map` function: an index row -> the row plus its frames on disk, or dropped with a reason
-    (unreadable/truncated video, fps metadata that disagrees with the stream, too few frames)."""
+    (unreadable/truncated video, fps metadata that disagrees with the stream, too few frames, or any
+    other error decoding this clip: one clip never stops the job)."""
     if row["status"] != STATUS_OK:
         return {**FRAME_COLUMNS, **row}
+    try:
+        return _extract_frames(row, cfg)
+    except Exception as err:
+        return _drop(row, f"frame extraction failed: {type(err).__name__}: {err}")
+
+
+def _extract_frames(row: dict, cfg: PreprocessConfig) -> dict:
     frames_dir = Path(cfg.output_dir) / FRAMES_DIR / row["clip_id"]
     existing = _read_existing(frames_dir)
     if existing is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from fourdthinker.atomic import atomic_write, atomic_write_json, atomic_write_jsonl
+from fourdthinker.paths import relative_media_path
 from fourdthinker.rewards import format_reward
 from fourdthinker.tokens import OUTPUT_IMAGE
 
@@ -28,6 +29,8 @@ SUMMARY_JSON = "summary.json"
 
 MANIFEST_COLUMNS = ("clip_id", "group", "bucket", "sample_id", "kind", "answer", "status", "reason",
                     "camera_labels", "object_labels", "video_path", "frames_dir", "image_output")
+# Keys of a DIFT or 4DRL record that hold media paths (lists of paths).
+_MEDIA_KEYS = ("image_input", "image_output", "frame_paths")
 # A drop reason's category: the text before the first ':' (details such as paths follow it).
 _REASON_HEAD = re.compile(r"^[^:]*")
 
@@ -54,6 +57,13 @@ def read_clip_results(output_dir: str | Path) -> list[dict]:
     clips = Path(output_dir) / CLIPS_DIR
     paths = sorted(clips.glob("*.json")) if clips.is_dir() else []
     return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+
+
+def relative_media(record: dict, output_dir: str | Path) -> dict:
+    """`record` with its media paths relative to `output_dir`, the folder of the JSONL files it goes
+    into: the one rule of every JSONL the project writes and reads (fourdthinker.paths)."""
+    return {k: [relative_media_path(p, output_dir) for p in v] if k in _MEDIA_KEYS else v
+            for k, v in record.items()}
 
 
 def dift_format_error(record: dict) -> str | None:
