@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fourdthinker.config import ConfigError, check_named_resources
 from fourdthinker.data.video import MAX_FRAMES, MAX_PIXELS
@@ -56,6 +56,9 @@ def argv_with_models(argv: list[str]) -> list[str]:
 class EvaluateConfig:
     """DSR evaluation of one or more checkpoints. Defaults follow the reference evaluation except
     decoding, which is greedy (a sampled single run has no variance estimate; REFERENCE-SPEC §13.4)."""
+
+    # Made absolute before Ray starts; refused when relative under a Ray job (fourdthinker.paths).
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("benchmark", "video_root", "output_dir")
 
     benchmark: str = ""  # DSR-format .parquet/.json/.jsonl: videoID, question, options, answer, type
     video_root: str = ""  # <video_root>/<videoID>.mp4; "" = the `videos` dir beside the benchmark

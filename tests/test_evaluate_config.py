@@ -74,3 +74,25 @@ def test_the_answerer_pool_asks_for_the_configured_resources_per_actor():
     videos = _RecordingDataset()
     answered_questions(tiny, tiny.model_specs()[0], videos, {})
     assert videos.calls[-1][2]["resources"] == {} and videos.calls[-1][2]["num_gpus"] == 0
+
+
+def test_a_relative_path_under_a_ray_job_is_refused_naming_the_key(monkeypatch, capsys):
+    """Evaluate follows the stages' path rule: under `ray job submit` a relative benchmark or output_dir
+    would point into the job's temporary copy of the code; refused before Ray starts."""
+    import importlib.util
+
+    from fourdthinker import cluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started before the paths were checked")
+
+    monkeypatch.setattr(cluster, "ray_session", refuse)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')  # what `ray job submit` sets
+    spec = importlib.util.spec_from_file_location("evaluate_stage", REPO / "pipelines" / "evaluate.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    config = str(REPO / "configs/3b/evaluate.yaml")
+    assert stage.main(["--config", config, "--model", "a=/m/a", "output_dir=runs/eval"]) == 2
+    assert "output_dir=runs/eval: a relative path in a Ray job" in capsys.readouterr().err
+    assert stage.main(["--config", config, "--model", "a=/m/a", "benchmark=dsr/b.parquet"]) == 2
+    assert "benchmark=dsr/b.parquet: a relative path in a Ray job" in capsys.readouterr().err
