@@ -61,7 +61,7 @@ async def _measure(call, args) -> dict[int, dict]:
 def _clip(directory: Path) -> Path:
     import numpy as np
 
-    from fourdthinker.data.synth import encode_mp4
+    from fourdthinker.data.synth.clip import encode_mp4
 
     path = directory / "clip.mp4"
     encode_mp4(path, np.random.default_rng(0).integers(0, 255, (12, 56, 84, 3), dtype=np.uint8), fps=4)
@@ -81,7 +81,7 @@ def run_http(args, media: Path) -> dict[int, dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}})
     cfg = load_config(ServeConfig, args.config, [f"model_dir={args.model}", f"media_root={media.parent}",
                                                  f"max_ongoing_requests={max(args.concurrency) * 2}", *args.overrides])
     try:

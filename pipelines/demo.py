@@ -120,7 +120,7 @@ def run(args, out: Path, screen) -> dict[str, Path]:
     # One local Ray for every stage; workers' output stays in Ray's logs (not forwarded here), and the
     # Serve replica imports serve/ from the repository root.
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "VLLM_LOGGING_LEVEL": "WARNING",
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "VLLM_LOGGING_LEVEL": "WARNING",
                                        "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}})
     try:
         train(args, d, screen)

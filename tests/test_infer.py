@@ -24,7 +24,7 @@ def test_options_are_lettered_unless_they_carry_letters():
 
 
 def test_infer_prints_the_reply_the_answer_and_writes_a_contact_sheet(tiny_model_dir, tmp_path):
-    from fourdthinker.data.synth import encode_mp4
+    from fourdthinker.data.synth.clip import encode_mp4
     from fourdthinker.data.video import decode_video
 
     video = tmp_path / "clip.mp4"

@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def media_root(tmp_path_factory):
-    from fourdthinker.data.synth import encode_mp4
+    from fourdthinker.data.synth.clip import encode_mp4
 
     base = tmp_path_factory.mktemp("media")
     root = base / "root"
@@ -58,7 +58,7 @@ def server(tiny_model_dir, media_root):
     os.environ[TOKEN_ENV] = TOKEN
     port = _free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), TOKEN_ENV: TOKEN}})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), TOKEN_ENV: TOKEN}})
     cfg = load_config(ServeConfig, ROOT / "configs/tiny/serve.yaml",
                       [f"model_dir={tiny_model_dir}", f"media_root={media_root}", f"auth_token_env={TOKEN_ENV}",
                        f"max_body_bytes={BODY_LIMIT}", "max_model_len=1024", "nearest_patches=3"])

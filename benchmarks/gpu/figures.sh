@@ -103,7 +103,7 @@ dift() {  # issue 3: one DIFT step at the 3B shape; extra arguments pass through
 serving() {  # issue 20: the Serve app over HTTP vs its engine in-process, 3B, one GPU
   step serving
   python benchmarks/serving.py --model /tmp/qwen3b --config configs/3b/serve.yaml --device "$GPU-3b" \
-    --requests 32 --new-tokens 64 --repeats 3 --out "$OUT/serve-$GPU-3b.json" auth_token_env= resources={} "$@"
+    --requests 24 --new-tokens 64 --repeats 3 --out "$OUT/serve-$GPU-3b.json" "auth_token_env=''" 'resources={}' max_model_len=4096 "$@"  # the random 3B shape's context: 4096
 }
 
 evaluate() {  # issue 21: the evaluate stage vs a per-sample HF generate_latent loop, 3B, one GPU
@@ -111,7 +111,7 @@ evaluate() {  # issue 21: the evaluate stage vs a per-sample HF generate_latent 
   [ -f /tmp/world/dsr/benchmark.parquet ] || python -m fourdthinker synth --out /tmp/world --videos 8 --seed 0
   (cd benchmarks && python evaluate.py --model /tmp/qwen3b --benchmark /tmp/world/dsr/benchmark.parquet \
      --samples 16 --max-new-tokens 64 --batch-size 16 --cpus 8 --repeats 3 --device "$GPU-3b" \
-     num_gpus_per_actor=1 max_model_len=8192 'engine_kwargs={enforce_eager: true, gpu_memory_utilization: 0.5}' "$@")
+     num_gpus_per_actor=1 'actor_resources={}' max_model_len=4096 'engine_kwargs={enforce_eager: true, gpu_memory_utilization: 0.5}' "$@")
   cp benchmarks/results/evaluate-"$GPU"-3b.json "$OUT/" 2>/dev/null
 }
 
