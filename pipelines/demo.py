@@ -225,13 +225,14 @@ def _ask_served_model(model_dir: Path, world: Path, sheet: Path):
     try:
         serve.run(build(cfg), name="fourdthinker", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        reply = infer_remote(url, video, QUESTION, OPTIONS, max_tokens=64, show_latents=sheet)
-        if reply.latents:
-            return reply, ""
-        # A model trained for seconds seldom opens a latent block by itself: ask again with one forced
-        # at the second step (the probe hook), so the viewer has a block to draw.
-        reply = infer_remote(url, video, QUESTION, OPTIONS, max_tokens=64, show_latents=sheet, force_latent_steps=[1])
-        return reply, "the model opened no latent block itself: this reply has one forced at step 1"
+        reply = infer_remote(url, video, QUESTION, OPTIONS, max_tokens=64)
+        note = ""
+        if not reply.latents:
+            # A model trained for seconds seldom opens a latent block by itself: ask again with one
+            # forced at the second step (the probe hook), so the viewer has a block to draw.
+            note = "the model opened no latent block itself: this reply has one forced at step 1"
+        return infer_remote(url, video, QUESTION, OPTIONS, max_tokens=64, show_latents=sheet,
+                            force_latent_steps=[] if reply.latents else [1]), note
     finally:
         serve.shutdown()
 
