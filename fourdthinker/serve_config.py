@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fourdthinker.config import ConfigError, check_named_resources
 
 
 @dataclasses.dataclass
 class ServeConfig:
+    # Made absolute where the app is built (a relative one under a Ray job is refused: it would point
+    # into the job's temporary copy of --working-dir).
+    PATH_KEYS: ClassVar[tuple[str, ...]] = ("model_dir", "media_root")
+
     model_dir: str = ""  # a checkpoint dir with the latent tokens (DIFT/GRPO output, build_tiny_model)
     model_name: str = ""  # the id clients send as "model"; "" = the model dir's name
     # Engine

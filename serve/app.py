@@ -263,4 +263,8 @@ def app(args: dict[str, str]):
     plus the other arguments as overrides."""
     args = dict(args)
     path = args.pop("config", None)
-    return build(load_config(ServeConfig, path, [f"{k}={v}" for k, v in args.items()]))
+    from fourdthinker.paths import resolve_config_paths
+
+    cfg = load_config(ServeConfig, path, [f"{k}={v}" for k, v in args.items()])
+    resolve_config_paths(cfg, ServeConfig.PATH_KEYS)
+    return build(cfg)

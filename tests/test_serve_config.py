@@ -56,3 +56,18 @@ def test_the_replicas_ask_for_the_named_resources_of_the_config(tmp_path):
     assert tiny._bound_deployment.ray_actor_options["resources"] == {"a": 2}
     assert app({"config": str(ROOT / "configs/tiny/serve.yaml"), "model_dir": str(tmp_path)}
                )._bound_deployment.ray_actor_options["resources"] == {}
+
+
+def test_paths_are_made_absolute_and_a_relative_one_under_a_ray_job_is_refused(tmp_path, monkeypatch):
+    from fourdthinker.paths import resolve_config_paths
+
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    cfg = load_config(ServeConfig, ROOT / "configs/tiny/serve.yaml", ["model_dir=ckpt"])
+    resolve_config_paths(cfg, ServeConfig.PATH_KEYS)
+    assert cfg.model_dir == str(tmp_path / "ckpt") and cfg.media_root == ""
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {}}')  # what `ray job submit` sets
+    cfg = load_config(ServeConfig, ROOT / "configs/tiny/serve.yaml", ["model_dir=ckpt"])
+    with pytest.raises(ConfigError, match="model_dir=ckpt: a relative path in a Ray job"):
+        resolve_config_paths(cfg, ServeConfig.PATH_KEYS)
