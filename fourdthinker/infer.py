@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +56,14 @@ def _check_video(video: str | Path) -> Path:
     return path
 
 
-def _sheet(path: str | Path, frames, summaries: list[dict]) -> str:
+def _sheet(path: str | Path, frames, summaries: list[dict]) -> str | None:
+    """The contact sheet written to `path`; None, with a note on stderr, when the reply has no latent
+    block to draw (the answer still stands: not an error)."""
     from fourdthinker.latent_viewer import write_contact_sheet
 
     if not any(s["nearest"] for s in summaries):
-        raise UsageError("--show-latents: the reply has no latent blocks to show (the model emitted none)")
+        print(f"--show-latents: the reply has no latent block, so {path} was not written", file=sys.stderr)
+        return None
     return str(write_contact_sheet(path, frames, summaries))
 
 

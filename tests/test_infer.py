@@ -56,3 +56,11 @@ def test_infer_names_a_missing_video(tiny_model_dir, tmp_path, capsys):
     assert main(["infer", "--model", str(tiny_model_dir), "--video", str(tmp_path / "nope.mp4"),
                  "--question", "q"]) == 2
     assert "nope.mp4: no such file" in capsys.readouterr().err
+
+
+def test_show_latents_without_a_latent_block_writes_nothing_and_keeps_the_answer(tmp_path, capsys):
+    from fourdthinker.infer import _sheet
+
+    assert _sheet(tmp_path / "sheet.png", [], [{"block": 1, "nearest": []}]) is None
+    assert not (tmp_path / "sheet.png").exists()
+    assert "no latent block" in capsys.readouterr().err
